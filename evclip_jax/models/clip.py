@@ -1,0 +1,420 @@
+"""Flax CLIP towers that compute the same function as transformers' CLIPModel.
+
+Module and parameter names mirror the HF state dict (``vision_model.encoder.layers_0.self_attn
+.q_proj.kernel`` <-> ``vision_model.encoder.layers.0.self_attn.q_proj.weight``), so conversion
+(evclip_jax/convert.py) is a renaming table plus transposes. Parameters carry logical axis
+names (``embed``, ``mlp``, ``heads``, ``vocab``) that the trainer maps onto a device mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Activation names used in HF CLIP configs.
+_ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerConfig:
+    """Transformer sizes of one tower; the fields and defaults follow HF CLIP{Vision,Text}Config."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    projection_dim: int
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    # Vision only.
+    image_size: int = 224
+    patch_size: int = 32
+    num_channels: int = 3
+    # Text only.
+    vocab_size: int = 49408
+    max_position_embeddings: int = 77
+    eos_token_id: int = 49407
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r} is not supported; expected one of "
+                f"{sorted(_ACTIVATIONS)}"
+            )
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    """Both towers of a CLIP model plus the initial logit scale."""
+
+    vision: TowerConfig
+    text: TowerConfig
+    projection_dim: int
+    logit_scale_init_value: float = 2.6592
+
+    @classmethod
+    def from_hf_dict(cls, config: dict) -> "CLIPConfig":
+        """Builds the config from an HF ``config.json`` dict, with HF's own defaults."""
+        import transformers
+
+        hf = transformers.CLIPConfig.from_dict(config)
+        fields = {f.name for f in dataclasses.fields(TowerConfig)}
+
+        def tower(sub) -> TowerConfig:
+            values = {k: getattr(sub, k) for k in fields if hasattr(sub, k)}
+            values["projection_dim"] = hf.projection_dim
+            return TowerConfig(**values)
+
+        return cls(
+            vision=tower(hf.vision_config),
+            text=tower(hf.text_config),
+            projection_dim=hf.projection_dim,
+            logit_scale_init_value=hf.logit_scale_init_value,
+        )
+
+    def to_hf_dict(self) -> dict:
+        """The HF ``CLIPConfig`` dict for this model (what ``config.json`` holds)."""
+        import transformers
+
+        vision_keys = ("hidden_size", "intermediate_size", "num_hidden_layers",
+                       "num_attention_heads", "layer_norm_eps", "hidden_act", "image_size",
+                       "patch_size", "num_channels", "projection_dim")
+        text_keys = ("hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "layer_norm_eps", "hidden_act", "vocab_size",
+                     "max_position_embeddings", "eos_token_id", "projection_dim")
+        hf = transformers.CLIPConfig(
+            text_config={k: getattr(self.text, k) for k in text_keys},
+            vision_config={k: getattr(self.vision, k) for k in vision_keys},
+            projection_dim=self.projection_dim,
+            logit_scale_init_value=self.logit_scale_init_value,
+        )
+        return hf.to_dict()
+
+
+def _dense(features: int, names: tuple[str, str], dtype: Dtype, use_bias: bool = True,
+           name: str | None = None) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[1],)),
+        name=name,
+    )
+
+
+def _layer_norm(cfg: TowerConfig, dtype: Dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_eps,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``jax.nn.dot_product_attention``."""
+
+    cfg: TowerConfig
+    dtype: Dtype
+    causal: bool
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        b, t, _ = x.shape
+
+        def project(name):
+            y = _dense(cfg.hidden_size, ("embed", "heads"), self.dtype, name=name)(x)
+            return y.reshape(b, t, heads, head_dim)
+
+        q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
+        # Scaling by head_dim**-0.5 is the default of dot_product_attention, as in HF.
+        y = jax.nn.dot_product_attention(
+            q, k, v, is_causal=self.causal, implementation=self.attention_impl
+        )
+        y = y.reshape(b, t, cfg.hidden_size)
+        return _dense(cfg.hidden_size, ("heads", "embed"), self.dtype, name="out_proj")(y)
+
+
+class MLP(nn.Module):
+    cfg: TowerConfig
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x):
+        act = _ACTIVATIONS[self.cfg.hidden_act]
+        x = _dense(self.cfg.intermediate_size, ("embed", "mlp"), self.dtype, name="fc1")(x)
+        x = nn.with_logical_constraint(act(x), ("batch", "length", "mlp"))
+        return _dense(self.cfg.hidden_size, ("mlp", "embed"), self.dtype, name="fc2")(x)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    cfg: TowerConfig
+    dtype: Dtype
+    causal: bool
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        h = _layer_norm(self.cfg, self.dtype, "layer_norm1")(x)
+        x = x + Attention(self.cfg, self.dtype, self.causal, self.attention_impl,
+                          name="self_attn")(h)
+        h = _layer_norm(self.cfg, self.dtype, "layer_norm2")(x)
+        x = x + MLP(self.cfg, self.dtype, name="mlp")(h)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class Encoder(nn.Module):
+    cfg: TowerConfig
+    dtype: Dtype
+    causal: bool
+    attention_impl: str | None = None
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        layer_cls = nn.remat(EncoderLayer) if self.remat else EncoderLayer
+        for i in range(self.cfg.num_hidden_layers):
+            x = layer_cls(self.cfg, self.dtype, self.causal, self.attention_impl,
+                          name=f"layers_{i}")(x)
+        return x
+
+
+class VisionEmbeddings(nn.Module):
+    cfg: TowerConfig
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, pixel_values):
+        cfg = self.cfg
+        patches = nn.Conv(
+            cfg.hidden_size,
+            kernel_size=(cfg.patch_size, cfg.patch_size),
+            strides=(cfg.patch_size, cfg.patch_size),
+            padding="VALID",
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("patch", "patch", "channels", "embed")),
+            name="patch_embedding",
+        )(pixel_values.astype(self.dtype))
+        b = patches.shape[0]
+        patches = patches.reshape(b, -1, cfg.hidden_size)
+        cls = self.param(
+            "class_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+            (cfg.hidden_size,),
+            jnp.float32,
+        )
+        cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, cfg.hidden_size))
+        x = jnp.concatenate([cls, patches], axis=1)
+        pos = nn.Embed(
+            cfg.num_patches + 1,
+            cfg.hidden_size,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("length", "embed")),
+            name="position_embedding",
+        )
+        return x + pos.embedding[None].astype(self.dtype)
+
+
+class VisionTransformer(nn.Module):
+    """HF ``CLIPVisionTransformer``: returns the pooled class token after post_layernorm."""
+
+    cfg: TowerConfig
+    dtype: Dtype
+    attention_impl: str | None = None
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, pixel_values):
+        cfg = self.cfg
+        expected = (cfg.image_size, cfg.image_size, cfg.num_channels)
+        if tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
+                f"[batch, {', '.join(map(str, expected))}] (NHWC) for this vision config"
+            )
+        x = VisionEmbeddings(cfg, self.dtype, name="embeddings")(pixel_values)
+        x = _layer_norm(cfg, self.dtype, "pre_layrnorm")(x)  # sic: HF's spelling
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = Encoder(cfg, self.dtype, False, self.attention_impl, self.remat, name="encoder")(x)
+        return _layer_norm(cfg, self.dtype, "post_layernorm")(x[:, 0])
+
+
+class TextTransformer(nn.Module):
+    """HF ``CLIPTextTransformer``: causal encoder pooled at the end-of-text token."""
+
+    cfg: TowerConfig
+    dtype: Dtype
+    attention_impl: str | None = None
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, input_ids):
+        cfg = self.cfg
+        length = input_ids.shape[1]
+        if length > cfg.max_position_embeddings:
+            raise ValueError(
+                f"input_ids has length {length}; the text tower takes at most "
+                f"max_position_embeddings={cfg.max_position_embeddings} tokens"
+            )
+        x = TextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = Encoder(cfg, self.dtype, True, self.attention_impl, self.remat, name="encoder")(x)
+        x = _layer_norm(cfg, self.dtype, "final_layer_norm")(x)
+        if cfg.eos_token_id == 2:
+            # Legacy configs: the end-of-text token has the largest id in the vocabulary.
+            eos_index = jnp.argmax(input_ids, axis=-1)
+        else:
+            # First occurrence of the end-of-text token (padding may reuse the same id).
+            eos_index = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)
+        return x[jnp.arange(x.shape[0]), eos_index]
+
+
+class TextEmbeddings(nn.Module):
+    """Token plus position embedding (HF ``CLIPTextEmbeddings``)."""
+
+    cfg: TowerConfig
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, input_ids):
+        cfg = self.cfg
+        tok = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("vocab", "embed")),
+            name="token_embedding",
+        )
+        pos = nn.Embed(
+            cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
+            param_dtype=jnp.float32,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.01), ("length", "embed")),
+            name="position_embedding",
+        )
+        length = input_ids.shape[1]
+        return tok(input_ids) + pos.embedding[None, :length].astype(self.dtype)
+
+
+class VisionTower(nn.Module):
+    """Image (or event) tower: vision transformer plus ``visual_projection``.
+
+    The parameter tree equals HF ``CLIPVisionModelWithProjection``'s state dict.
+    Input: float [B, H, W, C] (NHWC). Output: [B, projection_dim], unnormalised.
+    """
+
+    cfg: TowerConfig
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, pixel_values):
+        pooled = VisionTransformer(self.cfg, self.dtype, self.attention_impl, self.remat,
+                                   name="vision_model")(pixel_values)
+        return _dense(self.cfg.projection_dim, ("embed", "proj"), self.dtype, use_bias=False,
+                      name="visual_projection")(pooled)
+
+
+class TextTower(nn.Module):
+    """Text tower: text transformer plus ``text_projection``.
+
+    The parameter tree equals HF ``CLIPTextModelWithProjection``'s state dict.
+    Input: int [B, L] token ids. Output: [B, projection_dim], unnormalised.
+    """
+
+    cfg: TowerConfig
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, input_ids):
+        pooled = TextTransformer(self.cfg, self.dtype, self.attention_impl, self.remat,
+                                 name="text_model")(input_ids)
+        return _dense(self.cfg.projection_dim, ("embed", "proj"), self.dtype, use_bias=False,
+                      name="text_projection")(pooled)
+
+
+@dataclasses.dataclass(frozen=True)
+class Towers:
+    """The three Flax modules of an event CLIP; the event tower shares the image tower's class."""
+
+    config: CLIPConfig
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+    remat: bool = False
+
+    @property
+    def vision(self) -> VisionTower:
+        return VisionTower(self.config.vision, self.dtype, self.attention_impl, self.remat)
+
+    @property
+    def text(self) -> TextTower:
+        return TextTower(self.config.text, self.dtype, self.attention_impl, self.remat)
+
+    def dummy_inputs(self):
+        v, t = self.config.vision, self.config.text
+        return (jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32),
+                jnp.zeros((1, t.max_position_embeddings), jnp.int32))
+
+    def init(self, rng: jax.Array, boxed: bool = False) -> dict:
+        """Random params {image_tower, event_tower, text_tower, logit_scale}.
+
+        The event tower is a copy of the image tower, as in the method. With ``boxed`` the leaves
+        stay ``nn.LogicallyPartitioned`` so their logical axes can be read.
+        """
+        images, ids = self.dummy_inputs()
+        k_img, k_txt = jax.random.split(rng)
+        image = self.vision.init(k_img, images)["params"]
+        text = self.text.init(k_txt, ids)["params"]
+        if not boxed:
+            image, text = nn.unbox(image), nn.unbox(text)
+        return {
+            "image_tower": image,
+            "event_tower": jax.tree.map(lambda x: x, image),
+            "text_tower": text,
+            "logit_scale": jnp.asarray(self.config.logit_scale_init_value, jnp.float32),
+        }
+
+    def abstract_params(self) -> dict:
+        """Shapes and dtypes of ``init``'s params, without allocating them."""
+        return jax.eval_shape(self.init, jax.random.key(0))
+
+    def logical_axes(self) -> dict:
+        """Logical axis names of each param leaf (a PartitionSpec of names per leaf)."""
+        boxed = jax.eval_shape(lambda: self.init(jax.random.key(0), boxed=True))
+        return nn.get_partition_spec(boxed)
