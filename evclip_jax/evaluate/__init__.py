@@ -1,0 +1,69 @@
+"""Evaluators (zero-shot, few-shot, retrieval, anomaly detection) and their metrics.
+
+Each evaluator takes a jitted-or-not embed function `embed_fn(x [B, ...]) -> [B, D]` and an
+iterable of batch dicts (contracts: "events"/"images", "labels", "mask"); the trainer only
+schedules them. The report writer lives in `evclip_jax.evaluate.report` (imports matplotlib),
+which is not imported here.
+"""
+
+from evclip_jax.evaluate.anomaly import anomaly_scores, evaluate_anomaly, roc_auc
+from evclip_jax.evaluate.common import (
+    batches_from_arrays,
+    collect_labels,
+    data_mesh,
+    embed_batches,
+    embed_dataset,
+)
+from evclip_jax.evaluate.fewshot import (
+    FewShotSplit,
+    evaluate_fewshot,
+    fewshot_metrics,
+    fewshot_splits,
+    ridge_probe_fit,
+    ridge_probe_predict,
+    sample_support,
+)
+from evclip_jax.evaluate.knn import knn_translate
+from evclip_jax.evaluate.retrieval import (
+    cross_modal_retrieval,
+    evaluate_retrieval,
+    recall_curve,
+    retrieval_metrics,
+)
+from evclip_jax.evaluate.zeroshot import (
+    DATASET_TEMPLATES,
+    class_text_embeddings,
+    evaluate_zeroshot,
+    heldout_split,
+    top_k_accuracy,
+    zeroshot_metrics,
+)
+
+__all__ = [
+    "DATASET_TEMPLATES",
+    "FewShotSplit",
+    "anomaly_scores",
+    "batches_from_arrays",
+    "class_text_embeddings",
+    "collect_labels",
+    "cross_modal_retrieval",
+    "data_mesh",
+    "embed_batches",
+    "embed_dataset",
+    "evaluate_anomaly",
+    "evaluate_fewshot",
+    "evaluate_retrieval",
+    "evaluate_zeroshot",
+    "fewshot_metrics",
+    "fewshot_splits",
+    "heldout_split",
+    "knn_translate",
+    "recall_curve",
+    "retrieval_metrics",
+    "ridge_probe_fit",
+    "ridge_probe_predict",
+    "roc_auc",
+    "sample_support",
+    "top_k_accuracy",
+    "zeroshot_metrics",
+]
