@@ -17,6 +17,9 @@ import jax.numpy as jnp
 
 Dtype = Any
 
+# Activations [batch, length, width] are constrained on the batch dim only; GSPMD places the rest.
+ACTIVATION_AXES = ("batch", None, None)
+
 # Activation names used in HF CLIP configs.
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -73,7 +76,7 @@ class CLIPConfig:
     logit_scale_init_value: float = 2.6592
 
     @classmethod
-    def from_hf_dict(cls, config: dict) -> "CLIPConfig":
+    def from_hf_dict(cls, config: dict) -> CLIPConfig:
         """Builds the config from an HF ``config.json`` dict, with HF's own defaults."""
         import transformers
 
@@ -170,7 +173,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         act = _ACTIVATIONS[self.cfg.hidden_act]
         x = _dense(self.cfg.intermediate_size, ("embed", "mlp"), self.dtype, name="fc1")(x)
-        x = nn.with_logical_constraint(act(x), ("batch", "length", "mlp"))
+        x = act(x)
         return _dense(self.cfg.hidden_size, ("mlp", "embed"), self.dtype, name="fc2")(x)
 
 
@@ -189,7 +192,7 @@ class EncoderLayer(nn.Module):
                           name="self_attn")(h)
         h = _layer_norm(self.cfg, self.dtype, "layer_norm2")(x)
         x = x + MLP(self.cfg, self.dtype, name="mlp")(h)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
 class Encoder(nn.Module):
@@ -224,7 +227,7 @@ class VisionEmbeddings(nn.Module):
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(0.02), ("patch", "patch", "channels", "embed")),
+                nn.initializers.normal(0.02), (None, None, "channels", "embed")),
             name="patch_embedding",
         )(pixel_values.astype(self.dtype))
         b = patches.shape[0]
@@ -268,7 +271,7 @@ class VisionTransformer(nn.Module):
             )
         x = VisionEmbeddings(cfg, self.dtype, name="embeddings")(pixel_values)
         x = _layer_norm(cfg, self.dtype, "pre_layrnorm")(x)  # sic: HF's spelling
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         x = Encoder(cfg, self.dtype, False, self.attention_impl, self.remat, name="encoder")(x)
         return _layer_norm(cfg, self.dtype, "post_layernorm")(x[:, 0])
 
@@ -291,7 +294,7 @@ class TextTransformer(nn.Module):
                 f"max_position_embeddings={cfg.max_position_embeddings} tokens"
             )
         x = TextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         x = Encoder(cfg, self.dtype, True, self.attention_impl, self.remat, name="encoder")(x)
         x = _layer_norm(cfg, self.dtype, "final_layer_norm")(x)
         if cfg.eos_token_id == 2:

@@ -1,0 +1,95 @@
+"""The config every experiment starts from: each field is read by the trainer or evaluators.
+
+Experiment files in configs/ call ``base_config()`` and change what differs. Defaults follow
+the paper and METHOD.md; each release deviation is a named field with a comment.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from evclip_jax.sharding import BATCH_AXES, DEFAULT_RULES
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 256  # global, over all hosts and devices
+    c.num_epochs = 200  # release default
+    c.num_train_steps = 0  # > 0 overrides num_epochs
+    c.log_every_steps = 50
+
+    # Device mesh (data, fsdp, tensor); -1 takes the remaining devices.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.sharding_rules = [(k, list(v) if isinstance(v, tuple) else v) for k, v in DEFAULT_RULES]
+    assert c.sharding_rules[0] == ("batch", list(BATCH_AXES))
+
+    c.model = ml_collections.ConfigDict()
+    c.model.checkpoint = ""  # HF CLIP dir or evclip checkpoint dir (tools/convert_hf_clip.py)
+    c.model.allow_random_init = False  # True: a random CLIP built from model.vision/model.text
+    c.model.vision = ml_collections.ConfigDict()  # TowerConfig fields, for random init only
+    c.model.text = ml_collections.ConfigDict()
+    c.model.dtype = "float32"  # compute dtype; params, loss and optimizer stay float32
+    c.model.attention_impl = ""  # "" (XLA picks), "xla" or "cudnn" (fused, GPU, bf16)
+    c.model.remat = False  # rematerialise each transformer block (memory for compute)
+
+    # L = ct_weight L_ct + zs_weight L_zs + kl_weight L_kl (+ pred_weight L_pred).
+    c.loss = ml_collections.ConfigDict()
+    c.loss.ct_weight = 1.0
+    c.loss.zs_weight = 0.1  # alpha
+    c.loss.kl_weight = 1.0
+    c.loss.pred_weight = 0.0
+    c.loss.tau_ct_init = 1.0  # paper: learnable, init 1
+    c.loss.ct_release = False  # release: tau 0.02 fixed, x2tau, no gradient to the event tower
+    c.loss.logit_scale_init = math.log(1 / 0.07)
+    c.loss.zs_temperature = 2.0
+    c.loss.zs_form = "zscl"  # "zscl" (paper Prop. 1) | "release" | "label" (Eq. 3 literal)
+    c.loss.kl_temperature = 0.01
+    c.loss.sinkhorn_iters = 3
+    c.loss.pred_form = "ce"  # "ce" (paper Eq. 6) | "cosine" (release)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.base_lr = 1e-6  # x global_batch / 256
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.weight_decay = 0.03
+    c.optim.warmup_epochs = 40.0
+    c.optim.warmup_steps = 0  # > 0 overrides warmup_epochs
+    c.optim.grad_clip_norm = 0.0  # 0: no clipping
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ""  # TFRecord shards + <split>.manifest.json
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.prompt = "a photo of a {label}"
+    c.data.paired_aug = True  # one geometric transform for event and image; release: False
+    c.data.augment = ml_collections.ConfigDict(
+        {"enabled": True, "shift_px": 20, "crop_scale_min": 0.45, "hflip": True})
+    c.data.skip_bad_records = False  # True: skip and count corrupt records instead of failing
+    c.data.teacher_emb = False  # read precomputed image embeddings instead of the image tower
+    c.data.synthetic = ml_collections.ConfigDict(
+        {"enabled": False, "num_classes": 4, "per_class": 32, "seed": 0,
+         "splits": {"train": 0.75, "test": 0.25}, "num_shards": 2})
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.checkpoint = ""  # --mode eval: a training workdir, evclip dir or HF dir
+    c.eval.every_steps = 0  # 0: only at the end
+    c.eval.at_end = True
+    c.eval.evals = "zeroshot,retrieval"
+    c.eval.batch_size = 256
+    c.eval.rank_against = "all"  # N-ImageNet release: all 100 prompts | "heldout"
+    c.eval.heldout_classes = ""  # e.g. "80-99"; "" = every class of the eval split
+    c.eval.fewshot_shots = (1, 2, 5)
+    c.eval.fewshot_seeds = 3
+    c.eval.knn_k = 0  # > 0: EZSR k-NN translation against the image embeddings
+
+    c.debug = ml_collections.ConfigDict()
+    c.debug.log_data_order = False  # append each step's labels to workdir/data_order.jsonl
+    return c

@@ -1,0 +1,65 @@
+"""Entry point: ``python -m evclip_jax.main --config configs/x.py --workdir DIR [--mode ...]``.
+
+Modes: ``train`` (pretrain or fine-tune, resuming from the workdir's latest checkpoint),
+``eval`` (the evaluators in config.eval on ``--config.eval.checkpoint`` or the workdir), and
+``export`` (the workdir's trained event tower as an HF CLIPVisionModelWithProjection dir).
+Multi-host runs (TPU pods, SLURM GPU clusters) go through ``jax.distributed``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to run.")
+flags.DEFINE_string("export_dir", None, "--mode export: output dir (default workdir/export).")
+flags.DEFINE_enum("export_tower", "event", ["event", "image", "clip"],
+                  "--mode export: which tower to write.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "Call jax.distributed.initialize(): auto = when a cluster environment "
+                  "(TPU pod, SLURM with several tasks, JAX_COORDINATOR_ADDRESS) is detected.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _in_cluster() -> bool:
+    env = os.environ
+    return bool(env.get("JAX_COORDINATOR_ADDRESS")
+                or int(env.get("SLURM_NTASKS", "1")) > 1
+                or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+                or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    if FLAGS.distributed == "on" or (FLAGS.distributed == "auto" and _in_cluster()):
+        jax.distributed.initialize()
+    logging.info("JAX process %d/%d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    from evclip_jax import train
+
+    if FLAGS.mode == "train":
+        summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        if jax.process_index() == 0:
+            print(train.format_summary(summary))
+    elif FLAGS.mode == "eval":
+        from evclip_jax.evaluate import runner
+
+        metrics = runner.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+        print(json.dumps(metrics, indent=2))
+    else:
+        out = train.export(FLAGS.workdir, FLAGS.export_dir, FLAGS.export_tower)
+        print(f"exported the {FLAGS.export_tower} tower of {FLAGS.workdir} to {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
