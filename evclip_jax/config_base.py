@@ -65,8 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_split = "test"
     c.data.prompt = "a photo of a {label}"
     c.data.paired_aug = True  # one geometric transform for event and image; release: False
+    # Release augmentation (METHOD.md); time_flip is a no-op on Eq. 1 frames (they sum over t).
     c.data.augment = ml_collections.ConfigDict(
-        {"enabled": True, "shift_px": 20, "crop_scale_min": 0.45, "hflip": True})
+        {"enabled": True, "shift_px": 20, "crop_scale": (0.45, 1.0),
+         "crop_ratio": (3 / 4, 4 / 3), "hflip": True, "time_flip": True})
     c.data.skip_bad_records = False  # True: skip and count corrupt records instead of failing
     c.data.teacher_emb = False  # read precomputed image embeddings instead of the image tower
     c.data.synthetic = ml_collections.ConfigDict(

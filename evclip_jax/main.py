@@ -36,9 +36,17 @@ def _in_cluster() -> bool:
                 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
 
 
+class _QuietLibraries(logging.Filter):
+    """Drops INFO chatter of Orbax (a line per file per save) from the absl log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger("absl").addFilter(_QuietLibraries())
     import jax
 
     if FLAGS.distributed == "on" or (FLAGS.distributed == "auto" and _in_cluster()):

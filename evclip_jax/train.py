@@ -180,7 +180,7 @@ def make_train_step(towers: Towers, loss_cfg, tx, schedule):
         metrics = {
             "loss": loss, **terms,
             "tau_ct": jnp.exp(state.params["log_tau_ct"]),
-            "logit_scale": jnp.exp(state.params["logit_scale"]),
+            "zs_scale": jnp.exp(state.params["logit_scale"]),  # s = exp(logit_scale)
             "grad_norm": optax.global_norm(grads),
             "lr": schedule(state.step),
         }
@@ -218,9 +218,15 @@ def place_params(tree: dict, towers: Towers, mesh: Mesh, rules) -> dict:
 
 
 def init_state(trainable: dict, tx) -> TrainState:
-    """State on the params' devices; jit propagates their shardings to the optimizer moments."""
-    opt_state = jax.jit(tx.init)(trainable)
-    return TrainState(jnp.zeros((), jnp.int32), trainable, opt_state)
+    """State whose optimizer moments are laid out like the params they follow."""
+    mesh = jax.tree.leaves(trainable)[0].sharding.mesh
+    abstract = jax.eval_shape(tx.init, trainable)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, p: p.sharding, abstract, trainable,
+        transform_non_params=lambda _: sharding.replicated(mesh))
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+    step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
+    return TrainState(step, trainable, opt_state)
 
 
 def shardings_of(tree):
@@ -430,9 +436,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         start = int(data_meta["step"])
         logging.info("resumed from %s at step %d", Path(mngr.directory) / str(start), start)
 
+    augment = dict(config.data.augment)
+    augment = augment if augment.pop("enabled") else None
     ds = pipeline.make_dataset(
         data_dir, config.data.train_split, global_batch_size=config.batch_size,
-        out_size=image_size, train=True, seed=config.seed, augment=config.data.augment,
+        out_size=image_size, train=True, seed=config.seed, augment=augment,
         paired_aug=config.data.paired_aug, skip_bad_records=config.data.skip_bad_records,
         teacher_emb=config.data.teacher_emb, start_step=start)
     batches = pipeline.global_batches(ds, mesh)

@@ -105,8 +105,12 @@ class CLIPConfig:
         text_keys = ("hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "layer_norm_eps", "hidden_act", "vocab_size",
                      "max_position_embeddings", "eos_token_id", "projection_dim")
+        text = {k: getattr(self.text, k) for k in text_keys}
+        if self.text.vocab_size <= 49406:
+            # HF's default bos id (49406) lies outside a small test vocabulary.
+            text["bos_token_id"] = min(self.text.vocab_size - 1, self.text.eos_token_id)
         hf = transformers.CLIPConfig(
-            text_config={k: getattr(self.text, k) for k in text_keys},
+            text_config=text,
             vision_config={k: getattr(self.vision, k) for k in vision_keys},
             projection_dim=self.projection_dim,
             logit_scale_init_value=self.logit_scale_init_value,
