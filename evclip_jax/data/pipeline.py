@@ -1,0 +1,550 @@
+"""tf.data input pipeline: paired TFRecords -> per-host batches -> global jax.Arrays.
+
+The only library module that imports TensorFlow at top level. Batches follow contracts.md
+"Batches": "events" [B,S,S,3] in [-1,1], "images" [B,S,S,3] CLIP-normalised, "labels" int32,
+"mask" bool, optional "teacher_emb".
+
+Determinism does not depend on parallelism: the record order is a function of (seed, epoch)
+only (seeded piece order, deterministic interleave, seeded shuffle buffer), and every random
+augmentation is a stateless op seeded by (seed, epoch, global record index). So an iterator
+resumed at ``start_step`` yields exactly the batches an uninterrupted one yields from there.
+
+Host sharding: host h of P reads the contiguous block of global record indices
+[h*N//P, (h+1)*N//P) -- disjoint, covering, and each host only opens the shards that overlap
+its block. The writer shuffles training splits, so blocks mix classes.
+
+Note: tf.data seeds are combined with TensorFlow's global seed; calling
+``tf.random.set_seed`` changes the order (not the augmentations).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow as tf
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from evclip_jax.data.tfrecords import parse_example, read_manifest
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Release train-time augmentation (METHOD.md "Event frame"). shift_px is at 224 px and is
+# scaled by out_size / 224. time_flip is accepted but is a no-op here: Eq. 1 frames sum over
+# t, so reversing time leaves them unchanged.
+RELEASE_AUGMENT = {
+    "shift_px": 20,
+    "crop_scale": (0.45, 1.0),
+    "crop_ratio": (3.0 / 4.0, 4.0 / 3.0),  # torchvision RandomResizedCrop default
+    "hflip": True,
+    "time_flip": True,
+}
+# Functions given to tf.data hold no Python control flow on tensors: skip AutoGraph's
+# source conversion, which costs seconds of tracing per dataset.
+_plain = tf.autograph.experimental.do_not_convert
+_RRC_ATTEMPTS = 10  # torchvision RandomResizedCrop tries 10 boxes, then falls back
+DEFAULT_SHUFFLE_BUFFER = 10_000
+PAD_LABEL = -1
+_BAD_RECORD_TAG = "evclip_jax bad record"
+_DECODE_GROUP = 32  # records per error-catching decode group (at most 63: an int64 bitmask)
+_BOOKKEEPING = ("pos", "bad", "bad_shard", "bad_index")
+
+
+class BadRecordError(ValueError):
+    """A corrupt record or shard met while iterating (skip_bad_records=False); names the shard."""
+
+
+class BadRecordCounter:
+    """Counts records skipped by ``make_dataset(skip_bad_records=True)``.
+
+    Readable at any time while iterating (``.value``). A record that stays bad is counted
+    again on every epoch pass. Records lost to a truncated/corrupt shard are counted when the
+    reader reaches the end of that shard's piece.
+    """
+
+    def __init__(self) -> None:
+        self.variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_records")
+
+    @property
+    def value(self) -> int:
+        return int(self.variable.numpy())
+
+
+def make_dataset(
+    data_dir: str | os.PathLike,
+    split: str,
+    *,
+    global_batch_size: int,
+    out_size: int,
+    train: bool,
+    seed: int,
+    augment: Mapping[str, Any] | None = None,
+    paired_aug: bool = True,
+    skip_bad_records: bool = False,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    teacher_emb: bool = False,
+    start_step: int = 0,
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    deterministic: bool = True,
+    bad_records: BadRecordCounter | None = None,
+) -> tf.data.Dataset:
+    """Per-host batches (dicts of tensors; ``as_numpy_iterator`` gives NumPy) of a split.
+
+    Args:
+      data_dir, split: where ``<split>.manifest.json`` and its shards are.
+      global_batch_size: batch over all hosts; each host yields global_batch_size // P rows.
+      out_size: must equal the records' ``image_size``.
+      train: True: seeded per-epoch shuffle, augmentation, endless repeat, full batches.
+        False: file order, no augmentation, one pass, the last batch padded to full size with
+        "mask" False (labels PAD_LABEL); every host yields the same number of batches.
+      seed: drives the order and the augmentations.
+      augment: None (off) or a dict-like with keys of RELEASE_AUGMENT (train only).
+      paired_aug: True: one geometric transform for the event frame and the image of a pair
+        (evclip_jax default, METHOD.md). False: independent draws for each, as the release's
+        separate event/image transforms.
+      skip_bad_records: False: a bad record or corrupt/truncated shard raises an error naming
+        the shard. True: skip it, count it in ``bad_records`` and log a line to stderr.
+      process_index, process_count: host sharding; default jax.process_index()/count().
+      teacher_emb: also yield "teacher_emb" [B, D] (records must have it).
+      start_step: resume: yield the batches a fresh iterator yields from this step on
+        (train only; exact as long as no records are skipped as bad).
+      shuffle_buffer: records in the shuffle buffer (train).
+      deterministic: keep element order fixed across parallel map/interleave.
+      bad_records: counter to add skipped records to (with skip_bad_records).
+    """
+    _hide_gpus_from_tf()
+    data_dir = os.fspath(data_dir)
+    manifest = read_manifest(data_dir, split)
+    where = os.path.join(data_dir, f"{split}.manifest.json")
+    if manifest["image_size"] != out_size:
+        raise ValueError(f"{where}: records are {manifest['image_size']} px; out_size={out_size}")
+    emb_dim = manifest.get("teacher_emb_dim") if teacher_emb else None
+    if teacher_emb and not emb_dim:
+        raise ValueError(f"{where}: teacher_emb=True but the records have no teacher_emb")
+    if not train and start_step:
+        raise ValueError(f"start_step={start_step} is only supported with train=True")
+    if not train and augment:
+        raise ValueError("augment must be None with train=False (evaluation is deterministic)")
+    aug = _check_augment(augment)
+
+    pindex = jax.process_index() if process_index is None else int(process_index)
+    pcount = jax.process_count() if process_count is None else int(process_count)
+    if not 0 <= pindex < pcount:
+        raise ValueError(f"process_index {pindex} outside [0, {pcount})")
+    if global_batch_size % pcount:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
+                         f"process_count {pcount}")
+    batch = global_batch_size // pcount
+    num_examples = int(manifest["num_examples"])
+    pieces = _host_pieces(data_dir, manifest, pindex, pcount)
+    host_records = sum(p[2] for p in pieces)
+    if host_records == 0:
+        raise ValueError(f"{where}: host {pindex} of {pcount} gets no records "
+                         f"({num_examples} in the split)")
+
+    if train:
+        consumed = start_step * batch
+        first_epoch, skip_first = consumed // host_records, consumed % host_records
+    else:
+        first_epoch, skip_first = 0, 0
+    counter = bad_records if bad_records is not None else BadRecordCounter()
+    reader = _Reader(pieces, seed=seed, train=train, shuffle_buffer=shuffle_buffer,
+                     skip_bad=skip_bad_records, counter=counter)
+
+    if train:
+        epochs = tf.data.Dataset.counter(start=first_epoch)
+    else:
+        epochs = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64))
+
+    def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
+        records = reader.epoch(epoch)
+        # Resume: drop the records of the first epoch that earlier steps consumed, before
+        # any parsing.
+        return records.skip(tf.where(epoch == first_epoch, tf.constant(skip_first, tf.int64),
+                                     tf.constant(0, tf.int64)))
+
+    records = epochs.flat_map(_plain(epoch_records))
+
+    decode = _Decoder(out_size=out_size, emb_dim=emb_dim, has_images=manifest.get(
+        "has_images", True), num_classes=len(manifest["class_names"]), seed=seed,
+        num_examples=num_examples, augment=aug if train else None, paired=paired_aug)
+
+    # Records are decoded in groups of _DECODE_GROUP (see _decode_group: per-record errors are
+    # caught, counted and named). block_length > group size keeps the record order whatever
+    # cycle_length the autotuner picks; groups decode in parallel.
+    ds = records.batch(_DECODE_GROUP).interleave(
+        _plain(lambda group: _decode_group(group, decode)), cycle_length=tf.data.AUTOTUNE,
+        block_length=_DECODE_GROUP + 1, num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=deterministic)
+    ds = ds.filter(_plain(lambda ex: _check_group(ex, skip_bad_records, counter.variable)))
+    ds = ds.map(_plain(lambda ex: {k: v for k, v in ex.items() if k not in _BOOKKEEPING}))
+
+    if train:
+        ds = ds.batch(batch, drop_remainder=True)
+    else:
+        # Pad every host to the same number of full batches: ceil(ceil(N / P) / B).
+        num_batches = math.ceil(math.ceil(num_examples / pcount) / batch)
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(decode.padding()).repeat())
+        ds = ds.batch(batch, drop_remainder=True).take(num_batches)
+    ds = ds.map(_plain(_to_tower_inputs), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=deterministic)
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def global_batches(
+    dataset: tf.data.Dataset | Iterable[Mapping[str, Any]],
+    mesh: Mesh,
+    batch_axes: tuple[str, ...] = ("data", "fsdp"),
+) -> Iterator[dict[str, jax.Array]]:
+    """Turns per-host batches into global jax.Arrays sharded on the batch dim over ``batch_axes``.
+
+    Axes of ``batch_axes`` that the mesh lacks are ignored. Every host must call this with its
+    own per-host batches in the same step order. A corrupt record or shard (with
+    skip_bad_records=False) surfaces as BadRecordError naming the shard.
+    """
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    if not axes:
+        raise ValueError(f"none of batch_axes {batch_axes} is a mesh axis {mesh.axis_names}")
+    sharding = NamedSharding(mesh, PartitionSpec(axes))
+    it = dataset.as_numpy_iterator() if isinstance(dataset, tf.data.Dataset) else iter(dataset)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except tf.errors.InvalidArgumentError as e:
+            if _BAD_RECORD_TAG not in e.message:
+                raise
+            # The assertion's "[part] [part]" data as one sentence, without TF's iterator path.
+            text = e.message[e.message.index(_BAD_RECORD_TAG):].split("\n")[0]
+            raise BadRecordError(text.replace("] [", " ").rstrip("]")) from e
+        yield {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+               for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading records.
+
+
+def _hide_gpus_from_tf() -> None:
+    """Keeps TensorFlow off the accelerators that JAX uses (input pipelines run on CPU)."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TF already initialised its devices; nothing to do
+        pass
+
+
+def _host_pieces(data_dir: str, manifest: Mapping[str, Any], pindex: int,
+                 pcount: int) -> list[tuple[str, int, int, int]]:
+    """(shard path, first record in shard, record count, global index of that record) of the
+    shards overlapping this host's block of global indices [h*N//P, (h+1)*N//P)."""
+    n = int(manifest["num_examples"])
+    lo, hi = (pindex * n) // pcount, ((pindex + 1) * n) // pcount
+    pieces, offset = [], 0
+    for name, count in zip(manifest["shards"], manifest["shard_num_examples"], strict=True):
+        start, stop = max(lo, offset), min(hi, offset + count)
+        if start < stop:
+            pieces.append((os.path.join(data_dir, name), start - offset, stop - start, start))
+        offset += count
+    return pieces
+
+
+class _Reader:
+    """One epoch of raw records of this host: {"serialized", "index", "shard", "epoch"}."""
+
+    def __init__(self, pieces: list[tuple[str, int, int, int]], *, seed: int, train: bool,
+                 shuffle_buffer: int, skip_bad: bool, counter: BadRecordCounter) -> None:
+        self.files = tf.constant([p[0] for p in pieces])
+        self.starts = tf.constant([p[1] for p in pieces], tf.int64)
+        self.counts = tf.constant([p[2] for p in pieces], tf.int64)
+        self.offsets = tf.constant([p[3] for p in pieces], tf.int64)
+        self.num_pieces = len(pieces)
+        self.seed = seed
+        self.train = train
+        self.shuffle_buffer = shuffle_buffer
+        self.skip_bad = skip_bad
+        self.counter = counter
+
+    def epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
+        pieces = (self.files, self.starts, self.counts, self.offsets)
+        if self.train:
+            order_seed = _fold(self.seed, 1, epoch)
+            order = tf.argsort(tf.random.stateless_uniform([self.num_pieces], order_seed))
+            pieces = tuple(tf.gather(t, order) for t in pieces)
+        ds = tf.data.Dataset.from_tensor_slices(pieces)
+        # Training mixes up to 16 pieces record by record; evaluation reads them in order.
+        cycle = min(self.num_pieces, 16) if self.train else 1
+        ds = ds.interleave(_plain(self._piece), cycle_length=cycle, block_length=1,
+                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if self.train:
+            shuffle_seed = tf.random.stateless_uniform([], _fold(self.seed, 2, epoch),
+                                                       minval=0, maxval=2**62, dtype=tf.int64)
+            ds = ds.shuffle(self.shuffle_buffer, seed=shuffle_seed)
+        return ds.map(_plain(lambda r: {**r, "epoch": epoch}))
+
+    def _piece(self, path: tf.Tensor, start: tf.Tensor, count: tf.Tensor,
+               offset: tf.Tensor) -> tf.data.Dataset:
+        # A corrupt record makes TFRecordDataset raise DataLossError (without the file name)
+        # and a truncated file just ends early; ignore_errors() ends the piece at the damage
+        # and the end-of-piece sentinel below finds how many records never arrived.
+        records = tf.data.TFRecordDataset(path).ignore_errors().skip(start).take(count)
+        records = records.map(_plain(lambda s: {"serialized": s,
+                                                "index": tf.constant(0, tf.int64)}))
+        sentinel = tf.data.Dataset.from_tensors({"serialized": tf.constant(""),
+                                                 "index": tf.constant(-1, tf.int64)})
+
+        def number(seen: tf.Tensor, rec: dict[str, tf.Tensor]) -> tuple[tf.Tensor, dict]:
+            end = rec["index"] < 0
+            index = tf.where(end, tf.constant(-1, tf.int64), offset + seen)
+            return seen + 1, {"serialized": rec["serialized"], "index": index,
+                              "lost": tf.where(end, count - seen, tf.constant(0, tf.int64))}
+
+        ds = records.concatenate(sentinel).scan(tf.constant(0, tf.int64), _plain(number))
+        ds = ds.filter(_plain(lambda rec: self._check_lost(rec, path)))
+        return ds.map(_plain(lambda rec: {"serialized": rec["serialized"],
+                                          "index": rec["index"], "shard": path}))
+
+    def _check_lost(self, rec: dict[str, tf.Tensor], path: tf.Tensor) -> tf.Tensor:
+        """filter() predicate: drops the sentinel after raising (skip_bad False) or counting
+        and logging (True) the records the shard failed to deliver."""
+        lost = rec["lost"]
+        if not self.skip_bad:
+            check = tf.debugging.Assert(
+                lost <= 0, [f"{_BAD_RECORD_TAG}: TFRecord shard is corrupt or truncated:", path,
+                            "records lost:", lost, "(pass skip_bad_records=True to skip them)"])
+            deps = [check]
+        else:
+            logged = tf.cond(lost > 0, lambda: _log("skipped", lost, "records of corrupt shard",
+                                                    path), lambda: tf.constant(True))
+            deps = [logged, self.counter.variable.assign_add(lost)]
+        with tf.control_dependencies(deps):
+            return rec["index"] >= 0
+
+
+def _log(*parts: Any) -> tf.Tensor:
+    with tf.control_dependencies([tf.print("evclip_jax.data.pipeline:", *parts,
+                                           output_stream=sys.stderr)]):
+        return tf.constant(True)
+
+
+def _fold(seed: int, stream: int, value: tf.Tensor) -> tf.Tensor:
+    """A stateless seed [2] for (seed, stream, value); stream keeps the uses independent."""
+    base = tf.constant([seed, stream], tf.int64)
+    return tf.random.experimental.stateless_fold_in(base, tf.cast(value, tf.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding, augmentation, normalisation.
+
+
+def _check_augment(augment: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if augment is None or len(augment) == 0:
+        return None
+    unknown = sorted(set(augment.keys()) - set(RELEASE_AUGMENT))
+    if unknown:
+        raise ValueError(f"augment: unknown keys {unknown}; expected a subset of "
+                         f"{sorted(RELEASE_AUGMENT)}")
+    aug = {"shift_px": 0, "crop_scale": None, "crop_ratio": RELEASE_AUGMENT["crop_ratio"],
+           "hflip": False, "time_flip": False}
+    aug.update({k: augment[k] for k in augment.keys()})
+    if aug["crop_scale"] is not None:
+        lo, hi = (float(s) for s in aug["crop_scale"])
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"augment.crop_scale {aug['crop_scale']}: expected 0 < lo <= hi <= 1")
+    return aug
+
+
+class _Decoder:
+    """Record -> example: Eq. 1 frame and gray image [S, S] (augmented in training), label,
+    mask[, teacher_emb], and the record's position in its decode group ("pos")."""
+
+    def __init__(self, *, out_size: int, emb_dim: int | None, has_images: bool,
+                 num_classes: int, seed: int, num_examples: int,
+                 augment: dict[str, Any] | None, paired: bool) -> None:
+        self.size = out_size
+        self.emb_dim = emb_dim
+        self.has_images = has_images
+        self.num_classes = num_classes
+        self.seed = seed
+        self.num_examples = num_examples
+        self.augment = augment
+        self.paired = paired
+
+    def __call__(self, rec: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        parsed = parse_example(rec["serialized"], self.size, self.emb_dim,
+                               has_images=self.has_images, num_classes=self.num_classes)
+        counts = tf.cast(parsed["event_counts"], tf.float32)
+        image = tf.cast(parsed["image"], tf.float32)
+        if self.augment is None:
+            frame = _counts_to_frame(counts)
+        else:
+            # One seed per (seed, epoch, record): independent of parallelism and host count.
+            seed = _fold(self.seed, 3, rec["epoch"] * self.num_examples + rec["index"])
+            frame, image = self._augment_pair(counts, image, seed)
+        out = {
+            # Per example: the Eq. 1 frame and the gray image (0..255), both [S, S];
+            # _to_tower_inputs maps whole batches to the contract's [B, S, S, 3] tensors.
+            "events": frame,
+            "images": image,
+            "labels": parsed["label"],
+            "mask": tf.constant(True),
+        }
+        if self.emb_dim:
+            out["teacher_emb"] = parsed["teacher_emb"]
+        out["pos"] = rec["pos"]
+        return out
+
+    def padding(self) -> dict[str, tf.Tensor]:
+        """An empty example (zero frame, black image) with mask False (eval padding)."""
+        out = {
+            "events": tf.zeros([self.size, self.size]),
+            "images": tf.zeros([self.size, self.size]),
+            "labels": tf.constant(PAD_LABEL, tf.int32),
+            "mask": tf.constant(False),
+        }
+        if self.emb_dim:
+            out["teacher_emb"] = tf.zeros([self.emb_dim])
+        return out
+
+    def end_marker(self) -> dict[str, tf.Tensor]:
+        """Closes a decode group (pos -1)."""
+        return {**self.padding(), "pos": tf.constant(-1, tf.int64)}
+
+    def _augment_pair(self, counts: tf.Tensor, image: tf.Tensor,
+                      seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Release augmentation: shift, random resized crop, horizontal flip. The event side
+        is shifted as counts (the release shifts events, dropping those that leave the
+        sensor), normalised to the Eq. 1 frame, then cropped with nearest-neighbour sampling;
+        the image is cropped bilinearly. Time flip is a no-op on Eq. 1 frames (they sum
+        over t), so it is not applied."""
+        if self.paired:
+            event_params = image_params = self._draw(seed)
+        else:  # release: event and image transforms are drawn independently
+            event_params = self._draw(tf.random.experimental.stateless_fold_in(seed, 1))
+            image_params = self._draw(tf.random.experimental.stateless_fold_in(seed, 2))
+        counts = self._shift(counts, event_params["shift"])
+        frame = self._crop_flip(_counts_to_frame(counts), event_params, "nearest")
+        image = self._crop_flip(self._shift(image, image_params["shift"]), image_params,
+                                "bilinear")
+        return frame, image
+
+    def _draw(self, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The geometric parameters of one transform: shift, crop box, flip."""
+        s, aug = self.size, self.augment
+        seeds = tf.random.experimental.stateless_split(seed, 3)
+        margin = int(round(aug["shift_px"] * s / 224))
+        shift = tf.random.stateless_uniform([2], seeds[0], minval=-margin, maxval=margin + 1,
+                                            dtype=tf.int32)
+        if aug["crop_scale"] is None:
+            box = tf.constant([0, 0, s, s], tf.int32)
+        else:
+            box = self._crop_box(seeds[1])
+        flip = tf.random.stateless_uniform([], seeds[2]) < (0.5 if aug["hflip"] else 0.0)
+        return {"shift": shift, "box": box, "flip": flip}
+
+    def _crop_box(self, seed: tf.Tensor) -> tf.Tensor:
+        """torchvision RandomResizedCrop box [top, left, h, w]: up to 10 tries of a random
+        area fraction and log-uniform aspect ratio, else the whole (square) frame."""
+        s, aug = self.size, self.augment
+        lo, hi = (float(v) for v in aug["crop_scale"])
+        rlo, rhi = (math.log(float(v)) for v in aug["crop_ratio"])
+        u = tf.random.stateless_uniform([_RRC_ATTEMPTS, 4], seed, dtype=tf.float32)
+        area = s * s * (lo + (hi - lo) * u[:, 0])
+        ratio = tf.exp(rlo + (rhi - rlo) * u[:, 1])
+        w = tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32)
+        h = tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32)
+        fits = (w > 0) & (h > 0) & (w <= s) & (h <= s)
+        first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+        h = tf.where(fits[first], h[first], s)
+        w = tf.where(fits[first], w[first], s)
+        top = tf.cast(tf.floor(u[first, 2] * tf.cast(s - h + 1, tf.float32)), tf.int32)
+        left = tf.cast(tf.floor(u[first, 3] * tf.cast(s - w + 1, tf.float32)), tf.int32)
+        return tf.stack([tf.minimum(top, s - h), tf.minimum(left, s - w), h, w])
+
+    def _shift(self, x: tf.Tensor, shift: tf.Tensor) -> tf.Tensor:
+        """Translates [S, S] by (dy, dx) pixels, filling with zeros (content leaving is lost)."""
+        margin = int(round(self.augment["shift_px"] * self.size / 224))
+        if margin == 0:
+            return x
+        padded = tf.pad(x, [[margin, margin], [margin, margin]])
+        return tf.slice(padded, [margin - shift[0], margin - shift[1]], [self.size, self.size])
+
+    def _crop_flip(self, x: tf.Tensor, params: dict[str, tf.Tensor], method: str) -> tf.Tensor:
+        box = params["box"]
+        crop = tf.slice(x, box[:2], box[2:])
+        x = tf.image.resize(crop[..., None], [self.size, self.size], method=method)[..., 0]
+        return tf.cond(params["flip"], lambda: tf.reverse(x, [1]), lambda: x)
+
+
+def _decode_group(group: dict[str, tf.Tensor], decode: _Decoder) -> tf.data.Dataset:
+    """Decodes a group of records in order, dropping those whose decoding fails (bad PNG,
+    wrong shape, missing feature) and closing with a marker that reports how many failed and
+    the shard and global index of the first failure."""
+    n = tf.shape(group["index"], out_type=tf.int64)[0]
+    records = tf.data.Dataset.from_tensor_slices({**group, "pos": tf.range(n)})
+    decoded = records.map(_plain(decode)).ignore_errors()
+    ends = tf.data.Dataset.from_tensors(decode.end_marker())
+
+    def track(received: tf.Tensor, ex: dict[str, tf.Tensor]) -> tuple[tf.Tensor, dict]:
+        is_end = ex["pos"] < 0
+        bit = tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.maximum(ex["pos"], 0))
+        got = tf.bitwise.bitwise_and(tf.bitwise.right_shift(received, tf.range(n)), 1)
+        missing = tf.reshape(tf.where(tf.equal(got, 0)), [-1])
+        first = tf.concat([missing, tf.zeros([1], tf.int64)], 0)[0]
+        report = {
+            "bad": tf.where(is_end, tf.size(missing, out_type=tf.int64),
+                            tf.constant(0, tf.int64)),
+            "bad_shard": tf.where(is_end, group["shard"][first], ""),
+            "bad_index": tf.where(is_end, group["index"][first], tf.constant(-1, tf.int64)),
+        }
+        return tf.bitwise.bitwise_or(received, bit), {**ex, **report}
+
+    return decoded.concatenate(ends).scan(tf.constant(0, tf.int64), _plain(track))
+
+
+def _check_group(ex: dict[str, tf.Tensor], skip_bad: bool, counter: tf.Variable) -> tf.Tensor:
+    """filter() predicate: drops group end markers after raising on (skip_bad False) or
+    counting and logging (True) the group's failed records."""
+    bad = ex["bad"]
+    if not skip_bad:
+        deps = [tf.debugging.Assert(bad == 0, [
+            f"{_BAD_RECORD_TAG}: bad record (undecodable PNG, wrong shape or missing feature) "
+            "at global index",
+            ex["bad_index"], "in TFRecord shard", ex["bad_shard"],
+            "(pass skip_bad_records=True to skip bad records)"])]
+    else:
+        logged = tf.cond(bad > 0, lambda: _log("skipped", bad, "bad record(s), first: index",
+                                               ex["bad_index"], "of shard", ex["bad_shard"]),
+                         lambda: tf.constant(True))
+        deps = [logged, counter.assign_add(bad)]
+    with tf.control_dependencies(deps):
+        return ex["pos"] >= 0
+
+
+def _counts_to_frame(counts: tf.Tensor) -> tf.Tensor:
+    """Eq. 1 normalisation E / (max E + 1) of float counts."""
+    return counts / (tf.reduce_max(counts) + 1.0)
+
+
+def _to_tower_inputs(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Frames [B, S, S] -> events [B, S, S, 3] = (E - 0.5) * 2 replicated, no CLIP mean/std
+    (as the release; NumPy twin: evclip_jax.events.frames.frame_to_tower_input). Gray images
+    [B, S, S] in 0..255 -> replicated, / 255, CLIP mean/std, folded into one scale and bias
+    per channel. Done per batch: fewer, larger ops than per example."""
+    frames = (batch["events"] - 0.5) * 2.0
+    scale = 1.0 / (255.0 * np.array(CLIP_STD, np.float32))
+    bias = -np.array(CLIP_MEAN, np.float32) / np.array(CLIP_STD, np.float32)
+    return {
+        **batch,
+        "events": tf.broadcast_to(frames[..., None], frames.shape.concatenate([3])),
+        "images": batch["images"][..., None] * scale + bias,
+    }
