@@ -17,7 +17,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import jax
@@ -84,6 +84,16 @@ def _tower_keys(abstract: dict, tower: str) -> dict[str, tuple[tuple[str, ...], 
 # ----------------------------------------------------------------------------- reading HF
 
 
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What an invalid CLIP config raises: transformers 5 validates configs through
+    huggingface_hub's strict dataclasses, whose errors are not ValueErrors."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub (transformers 4)
+        return (TypeError, ValueError)
+    return (TypeError, ValueError, StrictDataclassError)
+
+
 def load_hf_config(hf_dir: str | os.PathLike) -> CLIPConfig:
     """Reads ``config.json`` of an HF CLIP dir."""
     path = Path(hf_dir) / "config.json"
@@ -93,6 +103,8 @@ def load_hf_config(hf_dir: str | os.PathLike) -> CLIPConfig:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object (an HF CLIP config)")
     if raw.get("model_type", "clip") != "clip" or "vision_config" not in raw:
         raise CheckpointError(
             f"{path}: model_type={raw.get('model_type')!r}; expected a full CLIPModel config "
@@ -100,7 +112,7 @@ def load_hf_config(hf_dir: str | os.PathLike) -> CLIPConfig:
         )
     try:
         return CLIPConfig.from_hf_dict(raw)
-    except (TypeError, ValueError) as e:
+    except _config_errors() as e:
         raise CheckpointError(f"{path}: {e}") from e
 
 
@@ -250,8 +262,10 @@ class _AtomicDir:
         if self.out_dir.exists() and any(self.out_dir.iterdir()) and not self.overwrite:
             raise FileExistsError(f"{self.out_dir}: exists and is not empty (pass overwrite)")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-",
-                                         dir=self.out_dir.parent))
+        # Not tempfile.mkdtemp: its 0700 mode would become the output dir's, unreadable to
+        # others sharing the checkpoint; mkdir applies the umask like any other dir.
+        self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+        self.tmp.mkdir()
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -316,10 +330,14 @@ def load_evclip_config(path: str | os.PathLike) -> CLIPConfig:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{meta_path}: cannot read ({e})") from e
-    if meta.get("format") != EVCLIP_FORMAT or "clip_config" not in meta:
+    if (not isinstance(meta, dict) or meta.get("format") != EVCLIP_FORMAT
+            or not isinstance(meta.get("clip_config"), dict)):
         raise CheckpointError(
             f"{meta_path}: expected {{'format': '{EVCLIP_FORMAT}', 'clip_config': ...}}")
-    return CLIPConfig.from_hf_dict(meta["clip_config"])
+    try:
+        return CLIPConfig.from_hf_dict(meta["clip_config"])
+    except _config_errors() as e:
+        raise CheckpointError(f"{meta_path}: {e}") from e
 
 
 def check_tree_matches(found: dict, expected: dict, source: str | os.PathLike) -> None:
