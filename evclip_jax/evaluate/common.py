@@ -1,14 +1,15 @@
 """Shared evaluation plumbing: run jitted embed functions over sharded, padded batches.
 
 Every evaluator embeds a whole evaluation set with `embed_batches` / `embed_dataset`, which
-shards the leading (batch) dim of each batch over a 1-D mesh of all devices, pads a partial
-last batch up to the global batch size and drops padded rows again through the boolean
-"mask", so no sample is dropped or counted twice and the sample order is preserved.
+shards the leading (batch) dim of each batch over a 1-D mesh of all devices (or over the
+batch axes of the trainer's mesh), pads a partial last batch up to the global batch size
+and drops padded rows again through the boolean "mask", so no sample is dropped or counted
+twice and the sample order is preserved.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -17,6 +18,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 BATCH_AXIS = "batch"
+# Batch axes of the trainer's (data, fsdp, tensor) mesh (evclip_jax.sharding.BATCH_AXES).
+TRAINER_BATCH_AXES = ("data", "fsdp")
 
 # embed_fn(x [B, ...]) -> [B, D], or embed_fn(params, x) when params are passed separately.
 EmbedFn = Callable[..., jax.Array]
@@ -28,6 +31,35 @@ def data_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
     if devs.size == 0:
         raise ValueError("data_mesh: expected at least one device, got none")
     return Mesh(devs.reshape(-1), (BATCH_AXIS,))
+
+
+def batch_axes_of(mesh: Mesh, batch_axes: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The mesh axes the batch dim is sharded over.
+
+    Default: the only axis of a 1-D mesh (`data_mesh`), or the trainer's ("data", "fsdp")
+    axes of its (data, fsdp, tensor) mesh, so evaluation can run on the training mesh with
+    the params where the trainer placed them.
+    """
+    if batch_axes is not None:
+        axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+        if not axes:
+            raise ValueError(f"batch_axes {tuple(batch_axes)}: none is an axis of the mesh "
+                             f"{mesh.axis_names}")
+        return axes
+    if len(mesh.axis_names) == 1:
+        return tuple(mesh.axis_names)
+    axes = tuple(a for a in TRAINER_BATCH_AXES if a in mesh.axis_names)
+    if not axes:
+        raise ValueError(
+            f"embed_batches: expected a 1-D mesh or one with axes {TRAINER_BATCH_AXES}, got "
+            f"axes {mesh.axis_names}; pass data_mesh(devices) or batch_axes")
+    return axes
+
+
+def batch_sharding_of(mesh: Mesh, batch_axes: Sequence[str] | None = None) -> NamedSharding:
+    """Leading dim sharded over `batch_axes_of(mesh, batch_axes)`, other dims replicated."""
+    axes = batch_axes_of(mesh, batch_axes)
+    return NamedSharding(mesh, PartitionSpec(axes[0] if len(axes) == 1 else axes))
 
 
 def batches_from_arrays(
@@ -100,6 +132,7 @@ def embed_batches(
     mesh: Mesh | None = None,
     label_key: str = "labels",
     params: Mapping[str, Any] | None = None,
+    batch_axes: Sequence[str] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Run several embed functions over one pass of `batches`.
 
@@ -107,7 +140,8 @@ def embed_batches(
     `embed_fn(x [B, ...]) -> [B, D]`, or `embed_fn(params[field], x)` for the fields in
     `params` (pass weights this way rather than closing over them: closed-over arrays are
     compile-time constants, and a stable function object lets the compile be reused). Each
-    runs jitted with the batch dim sharded over `mesh` (default: all devices). Batches
+    runs jitted with the batch dim sharded over `mesh` (default: all devices; a multi-axis
+    mesh shards it over `batch_axes`, default the trainer's "data" and "fsdp"). Batches
     smaller than the first one (or not a multiple of the device count) are padded and
     masked. Returns ({field: float32 [n, D]}, labels int64 [n]) with masked rows dropped,
     in input order.
@@ -119,18 +153,14 @@ def embed_batches(
     if unknown:
         raise ValueError(f"embed_batches: params given for {unknown}, which have no embed_fn")
     mesh = data_mesh() if mesh is None else mesh
-    if len(mesh.axis_names) != 1:
-        raise ValueError(
-            f"embed_batches: expected a 1-D mesh, got axes {mesh.axis_names}; "
-            "pass data_mesh(devices) for evaluation"
-        )
-    sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+    sharding = batch_sharding_of(mesh, batch_axes)
+    batch_shards = int(np.prod([mesh.shape[a] for a in batch_axes_of(mesh, batch_axes)]))
     # Inputs arrive committed with `sharding` (params keep their own), so only the output
     # sharding is given. JAX caches traces per function object, so calling again with the
     # same embed_fn reuses the compile.
     jitted = {key: jax.jit(fn, out_shardings=sharding) for key, fn in embed_fns.items()}
-    # Rows per process must be a multiple of the local device count to shard evenly.
-    local_devices = max(1, mesh.devices.size // jax.process_count())
+    # Rows per process must be a multiple of its share of the batch shards to shard evenly.
+    local_devices = max(1, batch_shards // jax.process_count())
     global_rows = None
     outputs: dict[str, list[np.ndarray]] = {key: [] for key in embed_fns}
     labels_out: list[np.ndarray] = []
@@ -205,6 +235,7 @@ def embed_dataset(
     input_key: str = "events",
     label_key: str = "labels",
     params: Any = None,
+    batch_axes: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embed field `input_key` of every batch: (float32 [n, D], labels int64 [n]).
 
@@ -212,7 +243,8 @@ def embed_dataset(
     sharding, padding and masking.
     """
     embeddings, labels = embed_batches({input_key: embed_fn}, batches, mesh, label_key,
-                                       None if params is None else {input_key: params})
+                                       None if params is None else {input_key: params},
+                                       batch_axes)
     return embeddings[input_key], labels
 
 
