@@ -555,13 +555,21 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def run_evals(config, towers, state, frozen, text_emb, data_dir, mesh, class_names) -> dict:
+def run_evals(config, towers, state, frozen, text_emb, data_dir, mesh, class_names,
+              report_dir: Path | None = None) -> dict:
     """Evaluation hook: the evaluators named in config.eval on the eval split."""
     from evclip_jax.evaluate import runner
 
-    embed = functools.partial(_embed_fn, towers)
-    return runner.run_in_training(config, embed, state.params["event_tower"],
-                                  frozen["image_tower"], text_emb, data_dir, mesh, class_names)
+    return runner.run_in_training(
+        config, _embed_for(towers), state.params["event_tower"], frozen["image_tower"],
+        text_emb, data_dir, mesh, class_names, report_dir=report_dir, towers=towers,
+        logit_scale=state.params["logit_scale"])
+
+
+@functools.cache
+def _embed_for(towers: Towers):
+    """One embed function per model, so evaluations reuse its compiled form."""
+    return functools.partial(_embed_fn, towers)
 
 
 def _embed_fn(towers: Towers, params: dict, x: jax.Array) -> jax.Array:
@@ -587,13 +595,20 @@ def load_trained(workdir: str | Path, step: int | None = None):
     with ocp.CheckpointManager((workdir / "checkpoints").absolute(),
                                item_names=("state", "data")) as mngr:
         step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise convert.CheckpointError(f"{workdir / 'checkpoints'}: no complete checkpoint")
-        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    event = restored["state"]["params"]["event_tower"]
+    if step is None:
+        raise convert.CheckpointError(f"{workdir / 'checkpoints'}: no complete checkpoint")
+    state_dir = (workdir / "checkpoints" / str(step) / "state").absolute()
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.StandardCheckpointer() as ckptr:  # onto one device, whatever mesh saved it
+        tree = ckptr.metadata(state_dir)
+        tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                                tree, is_leaf=lambda x: hasattr(x, "shape"))
+        trained = ckptr.restore(state_dir, abstract)["params"]
     expected = Towers(clip_config).abstract_params()["event_tower"]
-    convert.check_tree_matches(event, expected, Path(mngr.directory) / str(step))
-    params["event_tower"] = jax.tree.map(jnp.asarray, event)
+    convert.check_tree_matches(trained["event_tower"], expected, state_dir)
+    params["event_tower"] = trained["event_tower"]
+    params["logit_scale"] = trained["logit_scale"]  # the L_zs / L_pred scale learnt with it
     return EventCLIP(clip_config, params, tokenizer=None, tokenizer_dir=init_dir)
 
 
