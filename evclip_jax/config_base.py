@@ -95,3 +95,33 @@ def base_config() -> ml_collections.ConfigDict:
     c.debug = ml_collections.ConfigDict()
     c.debug.log_data_order = False  # append each step's labels to workdir/data_order.jsonl
     return c
+
+
+# Named variants for ``--config configs/x.py:variant1,variant2``; each states its source.
+VARIANTS = {
+    # The public release's forms: L_ct with tau 0.02 and no gradient to the event tower,
+    # L_zs with the reversed second term on unnormalised features, independent crops.
+    "release": {"loss.ct_release": True, "loss.zs_form": "release", "data.paired_aug": False},
+    # GPU/TPU speed: bf16 compute with float32 params, loss and optimizer state.
+    "bf16": {"model.dtype": "bfloat16"},
+    # Fused attention on NVIDIA GPUs (needs bf16).
+    "cudnn": {"model.dtype": "bfloat16", "model.attention_impl": "cudnn"},
+    # Frozen image tower replaced by precomputed embeddings stored in the records.
+    "teacher_emb": {"data.teacher_emb": True},
+    # Zero-shot ranking against the 20 held-out prompts instead of all 100 (N-ImageNet).
+    "heldout_ranking": {"eval.rank_against": "heldout"},
+}
+
+
+def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> None:
+    """Applies the comma-separated VARIANTS named in ``arg`` (a config file's argument)."""
+    for name in filter(None, (arg or "").split(",")):
+        if name not in VARIANTS:
+            raise ValueError(f"config argument {name!r}: unknown variant; expected one of "
+                             f"{sorted(VARIANTS)}")
+        for path, value in VARIANTS[name].items():
+            node = config
+            *parents, leaf = path.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value

@@ -51,11 +51,18 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- model set-up
 
 
+def is_workdir(path: str | Path) -> bool:
+    """A training workdir: frozen towers in init/, the trained event tower in checkpoints/."""
+    return convert.is_evclip_dir(Path(path) / "init")
+
+
 def model_config(config) -> CLIPConfig:
     """The CLIP architecture: from the checkpoint when one is given, else from config.model."""
     m = config.model
     if m.checkpoint:
         path = Path(m.checkpoint)
+        if is_workdir(path):
+            return convert.load_evclip_config(path / "init")
         if convert.is_evclip_dir(path):
             return convert.load_evclip_config(path)
         return convert.load_hf_config(path)
@@ -71,6 +78,8 @@ def make_towers(config, clip_config: CLIPConfig) -> Towers:
 def initial_params(config, towers: Towers) -> dict:
     """{image_tower, event_tower, text_tower, logit_scale} from the checkpoint or at random."""
     if config.model.checkpoint:
+        if is_workdir(config.model.checkpoint):  # e.g. fine-tuning a pretrained event tower
+            return jax.device_get(load_trained(config.model.checkpoint).params)
         _, params = convert.load_any(config.model.checkpoint)
         return params
     if not config.model.allow_random_init:
@@ -390,6 +399,8 @@ def _write_init_dir(config, workdir: Path, towers: Towers) -> Path:
     if jax.process_index() == 0:
         params = initial_params(config, towers)
         tok_dir = config.model.checkpoint or None
+        if tok_dir and is_workdir(tok_dir):
+            tok_dir = Path(tok_dir) / "init"
         convert.save_evclip(params, towers.config, init_dir, tokenizer_dir=tok_dir)
     return init_dir
 
@@ -536,7 +547,7 @@ def _loop(config, workdir, towers, mesh, rules, tx, schedule, state, frozen, tex
     eval_metrics = {}
     if step >= total_steps and config.eval.at_end:
         eval_metrics = run_evals(config, towers, state, frozen, text_emb, data_dir, mesh,
-                                 class_names)
+                                 class_names, report_dir=workdir / "report")
         writer.write_scalars(step, eval_metrics)
     summary = {
         "step": step, "total_steps": total_steps, "finished": step >= total_steps,

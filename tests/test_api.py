@@ -222,14 +222,9 @@ def _run_tool(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def export_tool():
+def export_tool(load_tool):
     """The tool's module, imported in-process to test its function without a subprocess."""
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import export_to_pytorch
-    finally:
-        sys.path.remove(str(REPO / "tools"))
-    return export_to_pytorch
+    return load_tool("export_to_pytorch")
 
 
 def test_export_tool(trained, tmp_path):

@@ -1,6 +1,5 @@
 """Tests for events/synthesis.py and tools/video_to_events.py against hand-computed cases."""
 
-import importlib.util
 import os
 
 import numpy as np
@@ -189,12 +188,8 @@ def test_image_to_events_rejects_bad_image():
 
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location(
-        "video_to_events_tool", os.path.join(REPO, "tools", "video_to_events.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("video_to_events")
 
 
 def test_tool_converts_image_sequence(tool, tmp_path):

@@ -1,0 +1,34 @@
+"""Pretrain the event tower of CLIP ViT-L/14 on N-ImageNet mini (paper settings).
+
+Pre-training uses classes 0-79 with their paired ImageNet images; zero-shot is evaluated on the
+held-out classes 80-99 (METHOD.md). Set the two paths (the run refuses to start without them):
+
+    python tools/convert_hf_clip.py --hf_dir /ckpt/clip-vit-large-patch14 --out /ckpt/vitl14
+    python tools/build_tfrecords.py --layout nimagenet --event_root /data/N_Imagenet \
+        --image_root /data/imagenet --split train --classes pretrain --out_dir /data/ni_tfr
+    python tools/build_tfrecords.py --layout nimagenet --event_root /data/N_Imagenet \
+        --split val --classes all --out_dir /data/ni_tfr
+    python -m evclip_jax.main --config configs/vitl14_nimagenet.py --workdir /runs/vitl14 \
+        --config.model.checkpoint=/ckpt/vitl14 --config.data.dir=/data/ni_tfr
+
+Variants: ``configs/vitl14_nimagenet.py:release,bf16`` (see config_base.VARIANTS).
+"""
+
+from evclip_jax.config_base import apply_variants, base_config
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.batch_size = 256
+    c.num_epochs = 200
+    c.optim.base_lr = 1e-6  # x global_batch / 256
+    c.optim.warmup_epochs = 40.0
+    c.data.train_split = "train"
+    c.data.eval_split = "val"
+    c.data.prompt = "a photo of a {label}"
+    c.eval.heldout_classes = "80-99"
+    c.eval.rank_against = "all"  # the release ranks against all 100 prompts
+    c.checkpoint.every_steps = 2000
+    c.model.remat = True  # 24 layers at batch 256: recompute blocks instead of storing them
+    apply_variants(c, arg)
+    return c
