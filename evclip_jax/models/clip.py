@@ -118,6 +118,12 @@ class CLIPConfig:
         return hf.to_dict()
 
 
+# Random init (demo and tests; converted checkpoints replace it): fan-in scaled kernels, so a
+# random tower's output depends on its input. With HF's 0.02-std kernels a small random tower
+# gives nearly one embedding for every image (cosine 0.9999), which leaves nothing to learn.
+_KERNEL_INIT = nn.initializers.lecun_normal()
+
+
 def _dense(features: int, names: tuple[str, str], dtype: Dtype, use_bias: bool = True,
            name: str | None = None) -> nn.Dense:
     return nn.Dense(
@@ -125,7 +131,7 @@ def _dense(features: int, names: tuple[str, str], dtype: Dtype, use_bias: bool =
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
+        kernel_init=nn.with_logical_partitioning(_KERNEL_INIT, names),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[1],)),
         name=name,
     )
@@ -231,7 +237,7 @@ class VisionEmbeddings(nn.Module):
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(0.02), (None, None, "channels", "embed")),
+                _KERNEL_INIT, (None, None, "channels", "embed")),
             name="patch_embedding",
         )(pixel_values.astype(self.dtype))
         b = patches.shape[0]
