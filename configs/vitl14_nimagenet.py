@@ -14,21 +14,10 @@ held-out classes 80-99 (METHOD.md). Set the two paths (the run refuses to start 
 Variants: ``configs/vitl14_nimagenet.py:release,bf16`` (see config_base.VARIANTS).
 """
 
-from evclip_jax.config_base import apply_variants, base_config
+from evclip_jax.config_base import nimagenet_pretraining
 
 
 def get_config(arg=None):
-    c = base_config()
-    c.batch_size = 256
-    c.num_epochs = 200
-    c.optim.base_lr = 1e-6  # x global_batch / 256
-    c.optim.warmup_epochs = 40.0
-    c.data.train_split = "train"
-    c.data.eval_split = "val"
-    c.data.prompt = "a photo of a {label}"
-    c.eval.heldout_classes = "80-99"
-    c.eval.rank_against = "all"  # the release ranks against all 100 prompts
-    c.checkpoint.every_steps = 2000
+    c = nimagenet_pretraining(arg)
     c.model.remat = True  # 24 layers at batch 256: recompute blocks instead of storing them
-    apply_variants(c, arg)
     return c

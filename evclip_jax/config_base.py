@@ -125,3 +125,21 @@ def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> None:
             for p in parents:
                 node = node[p]
             node[leaf] = value
+
+
+def nimagenet_pretraining(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Paper pre-training on N-ImageNet mini: classes 0-79 with paired ImageNet images, zero-shot
+    on the held-out classes 80-99 (METHOD.md). The backbone comes from model.checkpoint."""
+    c = base_config()
+    c.batch_size = 256
+    c.num_epochs = 200
+    c.optim.base_lr = 1e-6  # x global_batch / 256
+    c.optim.warmup_epochs = 40.0
+    c.data.train_split = "train"
+    c.data.eval_split = "val"
+    c.data.prompt = "a photo of a {label}"
+    c.eval.heldout_classes = "80-99"
+    c.eval.rank_against = "all"  # the release ranks against all 100 prompts
+    c.checkpoint.every_steps = 2000
+    apply_variants(c, arg)
+    return c

@@ -66,6 +66,10 @@ def model_config(config) -> CLIPConfig:
         if convert.is_evclip_dir(path):
             return convert.load_evclip_config(path)
         return convert.load_hf_config(path)
+    if not m.allow_random_init:
+        raise ValueError("config.model.checkpoint: empty; give an HF CLIP dir, an evclip "
+                         "checkpoint dir or a training workdir (or set model.allow_random_init "
+                         "for a random CLIP built from model.vision and model.text)")
     return CLIPConfig(vision=TowerConfig(**m.vision), text=TowerConfig(**m.text),
                       projection_dim=m.vision.projection_dim)
 
@@ -82,9 +86,6 @@ def initial_params(config, towers: Towers) -> dict:
             return jax.device_get(load_trained(config.model.checkpoint).params)
         _, params = convert.load_any(config.model.checkpoint)
         return params
-    if not config.model.allow_random_init:
-        raise ValueError("config.model.checkpoint: empty; give an HF CLIP dir or an evclip "
-                         "checkpoint dir (or set model.allow_random_init for a random CLIP)")
     return jax.device_get(towers.init(jax.random.key(config.seed)))
 
 
