@@ -67,7 +67,7 @@ def complete_steps(workdir: Path) -> list[int]:
 
 
 def test_sigterm_then_resume_equals_straight_run(tmp_path, data_dir):
-    steps = 120
+    steps = 60
     common = [f"--config.data.dir={data_dir}", f"--config.num_train_steps={steps}",
               "--config.checkpoint.every_steps=10", "--config.log_every_steps=10"]
     straight = tmp_path / "straight"
