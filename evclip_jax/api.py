@@ -64,8 +64,14 @@ class EventCLIP:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> EventCLIP:
-        """An HF CLIP dir (the event tower is a copy of the image tower) or an evclip
-        checkpoint dir. A tokenizer in the same dir is loaded too."""
+        """An HF CLIP dir (the event tower is a copy of the image tower), an evclip checkpoint
+        dir, or a training workdir (its latest checkpoint). A tokenizer beside it is loaded."""
+        from evclip_jax import train
+
+        if train.is_workdir(path):
+            model = train.load_trained(path)
+            return cls(model.config, model.params, tokenizer=model.tokenizer,
+                       tokenizer_dir=model.tokenizer_dir, **kwargs)
         config, params = convert.load_any(path)
         params = jax.tree.map(jnp.asarray, params)
         return cls(config, params, tokenizer=_load_tokenizer(Path(path)),

@@ -597,7 +597,7 @@ def load_trained(workdir: str | Path, step: int | None = None):
     the latest (or given) complete checkpoint."""
     import orbax.checkpoint as ocp
 
-    from evclip_jax.api import EventCLIP
+    from evclip_jax.api import EventCLIP, _load_tokenizer
 
     workdir = Path(workdir)
     init_dir = workdir / "init"
@@ -621,7 +621,8 @@ def load_trained(workdir: str | Path, step: int | None = None):
     convert.check_tree_matches(trained["event_tower"], expected, state_dir)
     params["event_tower"] = trained["event_tower"]
     params["logit_scale"] = trained["logit_scale"]  # the L_zs / L_pred scale learnt with it
-    return EventCLIP(clip_config, params, tokenizer=None, tokenizer_dir=init_dir)
+    return EventCLIP(clip_config, params, tokenizer=_load_tokenizer(init_dir),
+                     tokenizer_dir=init_dir)
 
 
 def export(workdir: str | Path, out_dir: str | Path | None, tower: str = "event") -> Path:

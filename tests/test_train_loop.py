@@ -195,6 +195,15 @@ def test_demo_command_and_export(tmp_path):
     with torch.no_grad():
         ref = hf(pixel_values=pixel).image_embeds.numpy()
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-5
+    # The export tool takes the training workdir too.
+    tool_out = tmp_path / "tool_export"
+    subprocess.run([sys.executable, "tools/export_to_pytorch.py", f"--checkpoint={workdir}",
+                    f"--out={tool_out}", "--tower=event"], cwd=REPO, env=_env(), check=True,
+                   capture_output=True)
+    with torch.no_grad():
+        via_tool = CLIPVisionModelWithProjection.from_pretrained(tool_out)(
+            pixel_values=pixel).image_embeds.numpy()
+    np.testing.assert_array_equal(via_tool, ref)
     # The trained event tower differs from the image tower it started from.
     assert not np.allclose(np.asarray(model.encode_images(pixel.numpy().transpose(0, 2, 3, 1))),
                            ours)
