@@ -161,50 +161,8 @@ def _flops(cost) -> float | None:
     return float(cost["flops"])
 
 
-def _use_padded_cudnn_attention() -> None:
-    """EXPERIMENT, not the library: replaces clip.Attention in this process by a subclass with the
-    change proposed for evclip_jax/models/clip.py (see /work/notes/gpu_bench.md).
-
-    JAX's cuDNN attention refuses odd sequence lengths under jax.grad (its training-path check
-    takes its own empty bias placeholder for a bias), so ViT-L/14's 257 tokens fall back to
-    XLA attention. The proposal pads one token and masks it out through the sequence lengths.
-    """
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from evclip_jax.models import clip
-
-    class PaddedAttention(clip.Attention):
-        @nn.compact
-        def __call__(self, x):
-            cfg = self.cfg
-            heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-            b, t, _ = x.shape
-
-            def project(name):
-                y = clip._dense(cfg.hidden_size, ("embed", "heads"), self.dtype, name=name)(x)
-                return y.reshape(b, t, heads, head_dim)
-
-            q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
-            lengths = None
-            if self.attention_impl == "cudnn" and t % 2:
-                q, k, v = (jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0))) for a in (q, k, v))
-                lengths = jnp.full((b,), t, jnp.int32)
-            y = jax.nn.dot_product_attention(
-                q, k, v, is_causal=self.causal, query_seq_lengths=lengths,
-                key_value_seq_lengths=lengths, implementation=self.attention_impl
-            )
-            y = y[:, :t].reshape(b, t, cfg.hidden_size)
-            return clip._dense(cfg.hidden_size, ("heads", "embed"), self.dtype, name="out_proj")(y)
-
-    if clip.Attention.__name__ == "Attention":  # EncoderLayer looks the name up per call
-        clip.Attention = PaddedAttention
-
-
 def jax_bench(model: str, attention: str, steps: int, repeats: int, warmup: int) -> dict:
-    """Times evclip_jax.train's step for ``model`` with attention_impl ``attention``
-    ("cudnn_pad": cudnn with the proposed clip.py change, see _use_padded_cudnn_attention)."""
+    """Times evclip_jax.train's step for ``model`` with attention_impl ``attention``."""
     import flax
     import jax
     import jax.numpy as jnp
@@ -212,10 +170,6 @@ def jax_bench(model: str, attention: str, steps: int, repeats: int, warmup: int)
 
     from evclip_jax import sharding, train
     from evclip_jax.models.clip import Towers
-
-    if attention == "cudnn_pad":
-        _use_padded_cudnn_attention()
-        attention = "cudnn"
 
     t_start = time.perf_counter()
 

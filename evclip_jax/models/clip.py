@@ -157,7 +157,7 @@ class Attention(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, lengths=None):
         cfg = self.cfg
         heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
         b, t, _ = x.shape
@@ -169,7 +169,8 @@ class Attention(nn.Module):
         q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
         # Scaling by head_dim**-0.5 is the default of dot_product_attention, as in HF.
         y = jax.nn.dot_product_attention(
-            q, k, v, is_causal=self.causal, implementation=self.attention_impl
+            q, k, v, is_causal=self.causal, query_seq_lengths=lengths,
+            key_value_seq_lengths=lengths, implementation=self.attention_impl
         )
         y = y.reshape(b, t, cfg.hidden_size)
         return _dense(cfg.hidden_size, ("heads", "embed"), self.dtype, name="out_proj")(y)
@@ -196,10 +197,10 @@ class EncoderLayer(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, lengths=None):
         h = _layer_norm(self.cfg, self.dtype, "layer_norm1")(x)
         x = x + Attention(self.cfg, self.dtype, self.causal, self.attention_impl,
-                          name="self_attn")(h)
+                          name="self_attn")(h, lengths)
         h = _layer_norm(self.cfg, self.dtype, "layer_norm2")(x)
         x = x + MLP(self.cfg, self.dtype, name="mlp")(h)
         return nn.with_logical_constraint(x, ACTIVATION_AXES)
@@ -214,11 +215,18 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        length, lengths = x.shape[1], None
+        if self.attention_impl == "cudnn" and length % 2:
+            # JAX's cuDNN attention refuses odd lengths under jax.grad (ViT-L/14 has 257
+            # tokens, the text tower 77): add one token, masked out of every attention through
+            # the sequence lengths, and drop it at the end.
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
+            lengths = jnp.full((x.shape[0],), length, jnp.int32)
         layer_cls = nn.remat(EncoderLayer) if self.remat else EncoderLayer
         for i in range(self.cfg.num_hidden_layers):
             x = layer_cls(self.cfg, self.dtype, self.causal, self.attention_impl,
-                          name=f"layers_{i}")(x)
-        return x
+                          name=f"layers_{i}")(x, lengths)
+        return x[:, :length]
 
 
 class VisionEmbeddings(nn.Module):
@@ -418,7 +426,8 @@ class Towers:
             image, text = nn.unbox(image), nn.unbox(text)
         return {
             "image_tower": image,
-            "event_tower": jax.tree.map(lambda x: x, image),
+            # Copies, not the same arrays: the train step donates the event tower.
+            "event_tower": jax.tree.map(jnp.copy, image),
             "text_tower": text,
             "logit_scale": jnp.asarray(self.config.logit_scale_init_value, jnp.float32),
         }
