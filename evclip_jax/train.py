@@ -28,6 +28,7 @@ import optax
 from jax.sharding import Mesh
 
 from evclip_jax import convert, losses, sharding
+from evclip_jax.api import l2_normalize
 from evclip_jax.models.clip import CLIPConfig, TowerConfig, Towers
 
 FROZEN = ("image_tower", "text_tower")
@@ -42,10 +43,6 @@ class TrainState:
     step: jax.Array
     params: dict  # event_tower, log_tau_ct, logit_scale
     opt_state: optax.OptState
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
 # ----------------------------------------------------------------------------- model set-up
