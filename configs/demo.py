@@ -5,11 +5,12 @@ Needs no download: the dataset (4 classes of drawn shapes, moved into events) is
 
     python -m evclip_jax.main --config configs/demo.py --workdir /tmp/evclip_demo
 
-Expected: about 1 minute on 2 CPU cores; writes summary.json, TensorBoard logs, Orbax
-checkpoints and an eval report in the workdir.
+Arguments: ``configs/demo.py:steps=N`` and any variant of config_base.VARIANTS (for example
+``configs/demo.py:eventbind,steps=50``). Expected: about 1 minute on 2 CPU cores; writes
+summary.json, TensorBoard logs, Orbax checkpoints and an eval report in the workdir.
 """
 
-from evclip_jax.config_base import base_config
+from evclip_jax.config_base import apply_variants, base_config, parse_arg
 
 TINY_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                "num_attention_heads": 4, "image_size": 32, "patch_size": 8,
@@ -20,6 +21,7 @@ TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2
 
 
 def get_config(arg=None):
+    names, values = parse_arg(arg, "configs/demo.py", {"steps": "steps=N training steps"})
     c = base_config()
     c.batch_size = 16
     c.num_epochs = 60
@@ -36,11 +38,7 @@ def get_config(arg=None):
     c.eval.batch_size = 16
     c.eval.evals = "zeroshot,retrieval,fewshot"
     c.eval.fewshot_shots = (1, 2, 5)
-    if arg:
-        for item in arg.split(","):
-            key, value = item.split("=")
-            if key == "steps":
-                c.num_train_steps = int(value)
-            else:
-                raise ValueError(f"configs/demo.py: unknown argument {key!r}; expected steps=N")
+    if "steps" in values:
+        c.num_train_steps = int(values["steps"])
+    apply_variants(c, names)
     return c

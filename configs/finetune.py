@@ -13,29 +13,28 @@ evaluation:
         --workdir /runs/fs_nc --config.eval.checkpoint=/runs/vitl14 \
         --config.data.dir=/data/ncaltech_tfr --config.eval.evals=fewshot,fewshot_finetune
 
-Variants after the dataset: ``cosine`` (the release's cosine-embedding L_pred), ``bf16``.
+Variants after the dataset (config_base.VARIANTS): ``cosine`` (the release's cosine-embedding
+L_pred), ``bf16``, ...
 """
 
-from evclip_jax.config_base import apply_variants, base_config
+from evclip_jax.config_base import apply_variants, base_config, parse_arg
 from evclip_jax.evaluate.zeroshot import DATASET_TEMPLATES
 
 
 def get_config(arg="nimagenet"):
-    dataset, _, variants = (arg or "nimagenet").partition(",")
-    if dataset not in DATASET_TEMPLATES:
-        raise ValueError(f"configs/finetune.py: dataset {dataset!r}; expected one of "
+    names, _ = parse_arg(arg or "nimagenet", "configs/finetune.py",
+                         {d: "dataset" for d in DATASET_TEMPLATES})
+    datasets = [n for n in names if n in DATASET_TEMPLATES]
+    if len(datasets) > 1:
+        raise ValueError(f"configs/finetune.py: several datasets {datasets}; expected one of "
                          f"{sorted(DATASET_TEMPLATES)}")
+    dataset = datasets[0] if datasets else "nimagenet"
     c = base_config()
-    c.loss.ct_weight = c.loss.zs_weight = c.loss.kl_weight = 0.0
-    c.loss.pred_weight = 1.0
+    c.objective = "finetune"
     c.optim.base_lr = 5e-6  # release fine-tuning lr, x global_batch / 256
     c.num_epochs = 100
     c.optim.warmup_epochs = 10.0
     c.data.prompt = DATASET_TEMPLATES[dataset][0]
     c.eval.evals = "zeroshot,fewshot"
-    names = [v for v in variants.split(",") if v]
-    if "cosine" in names:
-        names.remove("cosine")
-        c.loss.pred_form = "cosine"
-    apply_variants(c, ",".join(names))
+    apply_variants(c, names)
     return c

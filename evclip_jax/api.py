@@ -10,38 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evclip_jax import convert
+from evclip_jax import checkpoints, convert, text
+from evclip_jax.embed import embed_text, embed_vision, events_to_tower_input, l2_normalize
 from evclip_jax.models.clip import CLIPConfig, Towers
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
-
-
-def events_to_tower_input(frames: jax.Array) -> jax.Array:
-    """Event frames -> event-tower input.
-
-    [B, H, W] frames are paper Eq. 1 frames in [0, 1); as in the release they are mapped to
-    [-1, 1] by (E - 0.5) * 2 and replicated to 3 channels, with no CLIP mean/std.
-    [B, H, W, 3] arrays are taken as tower input already (what ``frame_to_tower_input`` returns).
-    """
-    frames = jnp.asarray(frames, jnp.float32)
-    if frames.ndim == 3:
-        return jnp.repeat(((frames - 0.5) * 2.0)[..., None], 3, axis=-1)
-    if frames.ndim == 4 and frames.shape[-1] == 3:
-        return frames
-    raise ValueError(
-        f"event frames have shape {tuple(frames.shape)}; expected [B, H, W] Eq. 1 frames or "
-        "[B, H, W, 3] tower input"
-    )
-
-
-def _load_tokenizer(path: Path):
-    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json")):
-        return None
-    import transformers
-
-    return transformers.CLIPTokenizer.from_pretrained(str(path))
 
 
 class EventCLIP:
@@ -58,24 +29,19 @@ class EventCLIP:
         self.tokenizer = tokenizer
         self.tokenizer_dir = tokenizer_dir
         self.towers = Towers(config, dtype=dtype, attention_impl=attention_impl)
-        vision, text = self.towers.vision, self.towers.text
-        self._vision = jax.jit(lambda p, x: vision.apply({"params": p}, x).astype(jnp.float32))
-        self._text = jax.jit(lambda p, x: text.apply({"params": p}, x).astype(jnp.float32))
+        vision, text_tower = self.towers.vision, self.towers.text
+        self._vision = jax.jit(lambda p, x: embed_vision(vision, p, x))
+        self._text = jax.jit(lambda p, x: embed_text(text_tower, p, x))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> EventCLIP:
-        """An HF CLIP dir (the event tower is a copy of the image tower), an evclip checkpoint
-        dir, or a training workdir (its latest checkpoint). A tokenizer beside it is loaded."""
-        from evclip_jax import train
-
-        if train.is_workdir(path):
-            model = train.load_trained(path)
-            return cls(model.config, model.params, tokenizer=model.tokenizer,
-                       tokenizer_dir=model.tokenizer_dir, **kwargs)
-        config, params = convert.load_any(path)
+        """Any model path (checkpoints.load_model): an HF CLIP dir (the event tower is a copy of
+        the image tower), an evclip checkpoint dir, or a training workdir (its latest
+        checkpoint). A tokenizer beside it is loaded."""
+        config, params, tok_dir = checkpoints.load_model(path)
         params = jax.tree.map(jnp.asarray, params)
-        return cls(config, params, tokenizer=_load_tokenizer(Path(path)),
-                   tokenizer_dir=path, **kwargs)
+        return cls(config, params, tokenizer=text.load_tokenizer(tok_dir),
+                   tokenizer_dir=tok_dir, **kwargs)
 
     @property
     def logit_scale(self) -> jax.Array:
@@ -86,9 +52,12 @@ class EventCLIP:
         out = self._vision(self.params["image_tower"], jnp.asarray(pixel_values, jnp.float32))
         return l2_normalize(out) if normalize else out
 
-    def encode_events(self, frames, normalize: bool = False) -> jax.Array:
-        """Event frames ([B, H, W] in [0, 1) or [B, H, W, 3] tower input) -> [B, D]."""
-        out = self._vision(self.params["event_tower"], events_to_tower_input(frames))
+    def encode_events(self, frames, normalize: bool = False,
+                      representation: str = "evclip") -> jax.Array:
+        """Event representations -> [B, D]: [B, H, W] Eq. 1 frames in [0, 1) (or [B, H, W, 3]
+        tower input), or another representation as ``embed.events_to_tower_input`` takes it."""
+        out = self._vision(self.params["event_tower"],
+                           events_to_tower_input(frames, representation))
         return l2_normalize(out) if normalize else out
 
     def tokenize(self, texts: list[str]) -> np.ndarray:
@@ -97,10 +66,7 @@ class EventCLIP:
                 "encode_text got strings but this checkpoint dir holds no tokenizer "
                 "(vocab.json + merges.txt or tokenizer.json); pass token ids instead"
             )
-        length = self.config.text.max_position_embeddings
-        out = self.tokenizer(list(texts), padding="max_length", truncation=True,
-                             max_length=length, return_tensors="np")
-        return out["input_ids"]
+        return text.token_ids(texts, self.config.text, self.tokenizer)
 
     def encode_text(self, input_ids, normalize: bool = False) -> jax.Array:
         """Int [B, L] token ids, or a list of strings when a tokenizer is loaded -> [B, D]."""

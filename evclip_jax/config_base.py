@@ -20,6 +20,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_epochs = 200  # release default
     c.num_train_steps = 0  # > 0 overrides num_epochs
     c.log_every_steps = 50
+    # What trains and on which loss (objectives.py): "evclip" (the paper) | "ezsr" |
+    # "eventbind" | "finetune" | "clip" (a CLIP teacher: image and text towers, no event tower).
+    c.objective = "evclip"
 
     # Device mesh (data, fsdp, tensor); -1 takes the remaining devices.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -35,15 +38,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = ""  # "" (XLA picks), "xla" or "cudnn" (fused, GPU, bf16)
     c.model.remat = False  # rematerialise each transformer block (memory for compute)
 
-    # L = ct_weight L_ct + zs_weight L_zs + kl_weight L_kl (+ pred_weight L_pred).
+    # evclip: L = ct_weight L_ct + zs_weight L_zs + kl_weight L_kl;
+    # ezsr: L = mod_weight L_mod + ct_weight L_ct (InfoNCE); eventbind: L_htca;
+    # finetune: L_pred (pred_form); clip: CLIP's symmetric contrastive loss.
     c.loss = ml_collections.ConfigDict()
     c.loss.ct_weight = 1.0
     c.loss.zs_weight = 0.1  # alpha
     c.loss.kl_weight = 1.0
-    c.loss.pred_weight = 0.0
+    c.loss.mod_weight = 1.0  # EZSR scalar-wise modulation
+    c.loss.mod_norm = "l1"  # "l1" | "l2" (EZSR's two variants)
     c.loss.tau_ct_init = 1.0  # paper: learnable, init 1
     c.loss.ct_release = False  # release: tau 0.02 fixed, x2tau, no gradient to the event tower
-    c.loss.logit_scale_init = math.log(1 / 0.07)
+    c.loss.logit_scale_init = math.log(1 / 0.07)  # s of L_zs, L_pred, L_htca and CLIP
     c.loss.zs_temperature = 2.0
     c.loss.zs_form = "zscl"  # "zscl" (paper Prop. 1) | "release" | "label" (Eq. 3 literal)
     c.loss.kl_temperature = 0.01
@@ -64,11 +70,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train_split = "train"
     c.data.eval_split = "test"
     c.data.prompt = "a photo of a {label}"
+    c.data.caption_templates = ()  # clip objective: captions = templates x class names
+    # Event representation (embed.py): "evclip" (paper Eq. 1) | "eventclip" | "eventbind".
+    c.data.representation = "evclip"
+    c.data.num_frames = 3  # eventbind: T frames per example (synthetic data and the builder)
     c.data.paired_aug = True  # one geometric transform for event and image; release: False
-    # Release augmentation (METHOD.md); time_flip is a no-op on Eq. 1 frames (they sum over t).
+    # Release augmentation (METHOD.md). The release's time flip is left out: Eq. 1 frames sum
+    # over t, so it changes nothing.
     c.data.augment = ml_collections.ConfigDict(
         {"enabled": True, "shift_px": 20, "crop_scale": (0.45, 1.0),
-         "crop_ratio": (3 / 4, 4 / 3), "hflip": True, "time_flip": True})
+         "crop_ratio": (3 / 4, 4 / 3), "hflip": True})
     c.data.skip_bad_records = False  # True: skip and count corrupt records instead of failing
     c.data.teacher_emb = False  # read precomputed image embeddings instead of the image tower
     c.data.synthetic = ml_collections.ConfigDict(
@@ -81,7 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.checkpoint = ""  # --mode eval: a training workdir, evclip dir or HF dir
+    c.eval.checkpoint = ""  # --mode eval: a training workdir, evclip dir or HF dir (default:
+    # --workdir)
     c.eval.every_steps = 0  # 0: only at the end
     c.eval.at_end = True
     c.eval.evals = "zeroshot,retrieval"
@@ -90,7 +102,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.heldout_classes = ""  # e.g. "80-99"; "" = every class of the eval split
     c.eval.fewshot_shots = (1, 2, 5)
     c.eval.fewshot_seeds = 3
+    c.eval.finetune_steps = 50  # fewshot_finetune: full-batch L_pred steps per support set
     c.eval.knn_k = 0  # > 0: EZSR k-NN translation against the image embeddings
+    # Video anomaly detection: <name>_frames.npz of tools/video_to_events.py, "dataset=path"
+    # to pool files per dataset. The prompts are a project default, not the paper's.
+    c.eval.anomaly_videos = ()
+    c.eval.normal_prompts = ("a photo of a normal scene",)
+    c.eval.abnormal_prompts = ("a photo of an abnormal event",)
 
     c.debug = ml_collections.ConfigDict()
     c.debug.log_data_order = False  # append each step's labels to workdir/data_order.jsonl
@@ -102,6 +120,14 @@ VARIANTS = {
     # The public release's forms: L_ct with tau 0.02 and no gradient to the event tower,
     # L_zs with the reversed second term on unnormalised features, independent crops.
     "release": {"loss.ct_release": True, "loss.zs_form": "release", "data.paired_aug": False},
+    # EZSR: scalar-wise modulation (L1) plus InfoNCE, k-NN translation at evaluation.
+    "ezsr": {"objective": "ezsr", "eval.knn_k": 10},
+    # E-CLIP / EventBind: HTCA on its polarity-coloured temporal frames.
+    "eventbind": {"objective": "eventbind", "data.representation": "eventbind"},
+    # EventCLIP's polarity histogram as the event representation.
+    "eventclip": {"data.representation": "eventclip"},
+    # The release's cosine-embedding L_pred for fine-tuning.
+    "cosine": {"loss.pred_form": "cosine"},
     # GPU/TPU speed: bf16 compute with float32 params, loss and optimizer state.
     "bf16": {"model.dtype": "bfloat16"},
     # Fused attention on NVIDIA GPUs (needs bf16).
@@ -113,13 +139,34 @@ VARIANTS = {
 }
 
 
-def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> None:
-    """Applies the comma-separated VARIANTS named in ``arg`` (a config file's argument)."""
-    for name in filter(None, (arg or "").split(",")):
-        if name not in VARIANTS:
-            raise ValueError(f"config argument {name!r}: unknown variant; expected one of "
-                             f"{sorted(VARIANTS)}")
-        for path, value in VARIANTS[name].items():
+def parse_arg(arg: str | None, where: str, keys: dict | None = None
+              ) -> tuple[list[str], dict[str, str]]:
+    """The one parser of a config file's argument ``--config file.py:a,b,key=value``.
+
+    Returns (names, {key: value}); names are checked against VARIANTS plus the file's own
+    ``keys`` (a {key or name: help} dict), so a typo is refused naming the file.
+    """
+    keys = keys or {}
+    names, values = [], {}
+    for item in filter(None, (p.strip() for p in (arg or "").split(","))):
+        key, sep, value = item.partition("=")
+        known = key in keys if sep else (key in VARIANTS or key in keys)
+        if not known:
+            expected = sorted(VARIANTS) + [f"{k}=..." if "=" in h else k
+                                           for k, h in keys.items()]
+            raise ValueError(f"{where}: unknown config argument {item!r}; expected any of "
+                             f"{', '.join(expected)}")
+        if sep:
+            values[key] = value
+        else:
+            names.append(key)
+    return names, values
+
+
+def apply_variants(config: ml_collections.ConfigDict, names: list[str]) -> None:
+    """Sets the fields of each named VARIANT (names not in VARIANTS are the caller's)."""
+    for name in names:
+        for path, value in VARIANTS.get(name, {}).items():
             node = config
             *parents, leaf = path.split(".")
             for p in parents:
@@ -141,5 +188,6 @@ def nimagenet_pretraining(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.heldout_classes = "80-99"
     c.eval.rank_against = "all"  # the release ranks against all 100 prompts
     c.checkpoint.every_steps = 2000
-    apply_variants(c, arg)
+    names, _ = parse_arg(arg, "configs/<backbone>_nimagenet.py")
+    apply_variants(c, names)
     return c

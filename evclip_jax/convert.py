@@ -379,13 +379,3 @@ def load_evclip(path: str | os.PathLike) -> tuple[CLIPConfig, dict]:
     config = load_evclip_config(path)
     params = restore_checked(Path(path) / "params", Towers(config).abstract_params())
     return config, params
-
-
-def load_any(path: str | os.PathLike) -> tuple[CLIPConfig, dict]:
-    """An evclip checkpoint dir or an HF CLIP dir."""
-    if is_evclip_dir(path):
-        return load_evclip(path)
-    if (Path(path) / "config.json").is_file():
-        return load_hf_clip(path)
-    raise CheckpointError(f"{path}: neither an evclip checkpoint dir (evclip.json) nor an HF "
-                          "CLIP dir (config.json)")

@@ -269,10 +269,24 @@ def loss_htca(
     labels = _check_labels(labels, event_emb.shape[0])
     e, v, t = _up(event_emb), _up(image_emb), _up(text_emb)
     s = jnp.exp(_up(logit_scale))
-    l_ei = 0.5 * (_info_nce(e, v, 1.0 / s) + _info_nce(v, e, 1.0 / s))
+    l_ei = loss_clip(e, v, logit_scale)
     cur = s * (e @ t.T)
     l_et = _ce_labels(cur, labels)
     log_p = jax.lax.stop_gradient(jax.nn.log_softmax(s * (v @ t.T), axis=-1))
     log_q = jax.nn.log_softmax(cur, axis=-1)
     l_it = jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
     return (l_ei + l_et + l_it).astype(jnp.float32)
+
+
+def loss_clip(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array | float
+              ) -> jax.Array:
+    """CLIP's symmetric contrastive loss on N matched pairs of unit embeddings [N, D]:
+    (CE(s v t^T, diag) + CE(s t v^T, diag)) / 2, s = exp(logit_scale)."""
+    _check_emb("image_emb", image_emb)
+    _check_emb("text_emb", text_emb, dim=image_emb.shape[1])
+    if image_emb.shape != text_emb.shape:
+        raise ValueError(f"`image_emb` {image_emb.shape} and `text_emb` {text_emb.shape} must "
+                         "have the same [N, D] shape (row i of each is one pair)")
+    v, t = _up(image_emb), _up(text_emb)
+    tau = 1.0 / jnp.exp(_up(logit_scale))
+    return (0.5 * (_info_nce(v, t, tau) + _info_nce(t, v, tau))).astype(jnp.float32)

@@ -1,8 +1,9 @@
 """Entry point: ``python -m evclip_jax.main --config configs/x.py --workdir DIR [--mode ...]``.
 
-Modes: ``train`` (pretrain or fine-tune, resuming from the workdir's latest checkpoint),
-``eval`` (the evaluators in config.eval on ``--config.eval.checkpoint`` or the workdir), and
-``export`` (the workdir's trained event tower as an HF CLIPVisionModelWithProjection dir).
+Modes: ``train`` (the objective of config.objective, resuming from the workdir's latest
+checkpoint), ``eval`` (every evaluator in config.eval, video anomaly included, on
+``--config.eval.checkpoint`` or the workdir), and ``export`` (the workdir's trained tower as an
+HF dir).
 Multi-host runs (TPU pods, SLURM GPU clusters) go through ``jax.distributed``.
 """
 
@@ -20,6 +21,7 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to run.")
 flags.DEFINE_string("export_dir", None, "--mode export: output dir (default workdir/export).")
+flags.DEFINE_string("eval_dir", None, "--mode eval: report dir (default workdir/eval).")
 flags.DEFINE_enum("export_tower", "event", ["event", "image", "clip"],
                   "--mode export: which tower to write.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
@@ -53,19 +55,25 @@ def main(argv):
         jax.distributed.initialize()
     logging.info("JAX process %d/%d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
-    from evclip_jax import train
-
     if FLAGS.mode == "train":
-        summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        from evclip_jax import trainer
+
+        summary = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
         if jax.process_index() == 0:
-            print(train.format_summary(summary))
+            print(trainer.format_summary(summary))
     elif FLAGS.mode == "eval":
         from evclip_jax.evaluate import runner
 
-        metrics = runner.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
-        print(json.dumps(metrics, indent=2))
+        metrics = runner.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.eval_dir)
+        if jax.process_index() == 0:
+            print(runner.format_metrics(metrics))
+            print(json.dumps(metrics, indent=2))
     else:
-        out = train.export(FLAGS.workdir, FLAGS.export_dir, FLAGS.export_tower)
+        from evclip_jax.api import EventCLIP
+
+        out = FLAGS.export_dir or os.path.join(FLAGS.workdir, "export", FLAGS.export_tower)
+        EventCLIP.from_pretrained(FLAGS.workdir).save_pretrained_hf(
+            out, tower=FLAGS.export_tower, overwrite=True)
         print(f"exported the {FLAGS.export_tower} tower of {FLAGS.workdir} to {out}")
 
 

@@ -20,7 +20,7 @@ import torch
 import transformers
 from hf_fixtures import make_tiny_hf_clip
 
-from evclip_jax import convert
+from evclip_jax import checkpoints, convert
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,9 +163,9 @@ def test_evclip_dir_round_trip(hf_dir, tmp_path):
     assert not np.array_equal(
         params2["event_tower"]["visual_projection"]["kernel"],
         params2["image_tower"]["visual_projection"]["kernel"])
-    # load_any dispatches on evclip.json / config.json.
-    _assert_same_tree(convert.load_any(out)[1], params)
-    _assert_same_tree(convert.load_any(hf_dir)[1], convert.load_hf_clip(hf_dir)[1])
+    # checkpoints.load_model dispatches on evclip.json / config.json.
+    _assert_same_tree(checkpoints.load_model(out)[1], params)
+    _assert_same_tree(checkpoints.load_model(hf_dir)[1], convert.load_hf_clip(hf_dir)[1])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -245,7 +245,7 @@ def test_bad_config_json(hf_copy):
 
 def test_dir_without_weights_or_config(tmp_path):
     with pytest.raises(convert.CheckpointError, match=re.escape(str(tmp_path))):
-        convert.load_any(tmp_path)
+        checkpoints.load_model(tmp_path)
     shutil.copy(make_tiny_hf_clip(tmp_path / "src") / "config.json", tmp_path / "config.json")
     with pytest.raises(convert.CheckpointError, match="model.safetensors"):
         convert.load_hf_clip(tmp_path)

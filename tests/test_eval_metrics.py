@@ -1,7 +1,6 @@
 """Evaluation metrics against independent references (float64 loops, sklearn, hand cases)."""
 
 import math
-import zlib
 
 import numpy as np
 import pytest
@@ -24,10 +23,9 @@ from evclip_jax.evaluate.retrieval import (
     recall_curve,
     retrieval_metrics,
 )
+from evclip_jax.evaluate.runner import parse_class_ids
 from evclip_jax.evaluate.zeroshot import (
-    class_text_embeddings,
     evaluate_zeroshot,
-    heldout_split,
     top_k_accuracy,
     zeroshot_metrics,
 )
@@ -283,30 +281,13 @@ def test_zeroshot_metrics_rank_against_all_and_heldout():
         zeroshot_metrics(ev, labels, text, None, "heldout")
 
 
-def test_heldout_split_nimagenet_mini():
-    seen, held = heldout_split()
-    np.testing.assert_array_equal(seen, np.arange(80))
-    np.testing.assert_array_equal(held, np.arange(80, 100))
-
-
-def _fake_text_tower(prompts):
-    """Deterministic pseudo-embedding per prompt string."""
-    return np.stack([np.random.default_rng(zlib.crc32(p.encode())).normal(size=8) * 3
-                     for p in prompts])
-
-
-def test_class_text_embeddings_template_ensemble():
-    names = ["cat", ["dog", "puppy"], "tench, Tinca tinca"]
-    templates = ["a photo of a {label}", "a point cloud image of a {label}"]
-    got = class_text_embeddings(_fake_text_tower, names, templates)
-    assert got.shape == (3, 8) and got.dtype == np.float32
-    for i, entry in enumerate(names):
-        synonyms = [entry] if isinstance(entry, str) else entry
-        vecs = [_unit(_fake_text_tower([t.replace("{label}", s)])[0])
-                for s in synonyms for t in templates]
-        np.testing.assert_allclose(got[i], _unit(np.mean(vecs, axis=0)), atol=1e-6)
-    with pytest.raises(ValueError, match="label"):
-        class_text_embeddings(_fake_text_tower, names, "a photo")
+def test_heldout_classes_nimagenet_mini():
+    """config.eval.heldout_classes "80-99" of N-ImageNet mini's 100 classes."""
+    np.testing.assert_array_equal(parse_class_ids("80-99", 100), np.arange(80, 100))
+    np.testing.assert_array_equal(parse_class_ids("0-2,7", 100), [0, 1, 2, 7])
+    assert parse_class_ids("", 100) is None
+    with pytest.raises(ValueError, match="heldout_classes.*\\[0, 100\\)"):
+        parse_class_ids("90-100", 100)
 
 
 def test_evaluate_zeroshot_with_knn_translation():

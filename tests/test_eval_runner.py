@@ -1,4 +1,5 @@
-"""The evaluation runner: in-training hook, --mode eval, the eval CLI and video anomaly AUC.
+"""The evaluation runner: the trainer's evaluations, --mode eval (CLI included) and video anomaly
+AUC.
 
 References are computed here: the eval split embedded in one unsharded call through the same
 towers, zero-shot top-1 by argmax, retrieval R@1 by a brute-force loop, a ridge probe solved
@@ -15,18 +16,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from evclip_jax import convert, sharding, train
+from evclip_jax import convert, embed, sharding, step, text, trainer
 from evclip_jax.api import EventCLIP
 from evclip_jax.evaluate import runner
 from evclip_jax.evaluate.common import data_mesh
 from evclip_jax.evaluate.fewshot import sample_support
+from evclip_jax.evaluate.finetune import make_finetune_fn
+from evclip_jax.evaluate.video_anomaly import evaluate_video_anomaly
 from evclip_jax.events.synthesis import video_to_event_frames
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +70,7 @@ class Model:
     """A tiny random CLIP (event tower perturbed away from the image tower)."""
 
     def __init__(self, config, class_names):
-        self.towers = train.make_towers(config, train.model_config(config))
+        self.towers = step.make_towers(config, trainer.model_config(config))
         params = jax.device_get(jax.jit(self.towers.init)(jax.random.key(0)))
         rng = np.random.default_rng(1)
         params["event_tower"] = jax.tree.map(
@@ -76,11 +78,11 @@ class Model:
             params["event_tower"])
         self.params = params
         self.class_names = list(class_names)
-        ids = train.hash_tokenize([config.data.prompt.format(label=n) for n in class_names],
-                                  self.towers.config.text)
-        self.text = np.asarray(train.class_text_embeddings(self.towers, params["text_tower"], ids))
-        self.embed = functools.partial(train._embed_fn, self.towers)  # what the trainer passes
-        self._apply = jax.jit(self.embed)
+        ids = text.token_ids(text.class_prompts(config.data.prompt, class_names),
+                             self.towers.config.text)
+        self.text = np.asarray(embed.class_text_embeddings(self.towers.text,
+                                                           params["text_tower"], ids))
+        self._apply = jax.jit(functools.partial(embed.embed_vision, self.towers.vision))
 
     def vision(self, params, x) -> np.ndarray:
         return np.asarray(self._apply(params, x), np.float64)
@@ -126,44 +128,25 @@ def ridge_top1(support_x, support_y, query_x, query_y, reg=1e-2):
     return np.mean(classes[np.argmax(q @ w + (ym - xm @ w), axis=1)] == query_y)
 
 
-def mesh_ctx(mesh):
-    return _Both(jax.set_mesh(mesh), flax.linen.logical_axis_rules(sharding.DEFAULT_RULES))
-
-
-class _Both:
-    def __init__(self, *ctxs):
-        self.ctxs = ctxs
-
-    def __enter__(self):
-        for c in self.ctxs:
-            c.__enter__()
-
-    def __exit__(self, *exc):
-        for c in reversed(self.ctxs):
-            c.__exit__(*exc)
-
-
-def run(config, model, mesh, **kwargs):
-    return runner.run_in_training(config, model.embed, model.params["event_tower"],
-                                  model.params["image_tower"], model.text, config.data.dir,
-                                  mesh, model.class_names, **kwargs)
+def run(config, model, mesh, params=None, **kwargs):
+    return runner.run_evaluators(config, model.towers, params or model.params, None,
+                                 config.data.dir, mesh, where="the test model", **kwargs)
 
 
 # ----------------------------------------------------------------------------- in training
 
 
-def test_run_in_training_matches_reference_on_8_and_1_devices(data_dir, model, splits,
-                                                              tmp_path):
+def test_run_evaluators_matches_reference_on_8_and_1_devices(data_dir, model, splits,
+                                                             tmp_path):
     config = tiny_config(data_dir)
     mesh8 = sharding.make_mesh()  # the trainer's (data, fsdp, tensor) mesh
     assert mesh8.devices.size == 8
     mesh1 = sharding.make_mesh(devices=jax.devices()[:1])
-    placed = train.place_params({k: model.params[k] for k in ("event_tower", "image_tower")},
-                                model.towers, mesh8, sharding.DEFAULT_RULES)
-    with mesh_ctx(mesh8):  # as the trainer's periodic evals run
-        m8 = runner.run_in_training(config, model.embed, placed["event_tower"],
-                                    placed["image_tower"], model.text, data_dir, mesh8,
-                                    model.class_names, report_dir=tmp_path / "report")
+    placed = step.place_params({k: model.params[k] for k in ("event_tower", "image_tower")},
+                               model.towers, mesh8, sharding.DEFAULT_RULES)
+    with jax.set_mesh(mesh8):  # as the trainer's periodic evals run: params already placed
+        m8 = run(config, model, mesh8, {**model.params, **placed},
+                 report_dir=tmp_path / "report")
     m1 = run(config, model, mesh1)
     assert m8.keys() == m1.keys()
     for key in m8:
@@ -253,12 +236,12 @@ def test_finetune_fn_and_fewshot_finetune(data_dir, model, splits):
         return float(np.mean(np.log(np.exp(scores).sum(1)) - scores[np.arange(y.size), y]))
 
     x, y = tr["events"][support], tr["labels"][support]
-    fixed = runner.make_finetune_fn(config, model.towers, init, tr, model.text, 0)
+    fixed = make_finetune_fn(config, model.towers, init, tr, model.text, 0)
     scores0 = np.asarray(fixed(support, shots=1, seed=0)(x))
     ref = scale * unit(model.vision(model.params["event_tower"], x)) @ unit(model.text).T
     np.testing.assert_allclose(scores0, ref, rtol=1e-4, atol=1e-4)
 
-    tuned = runner.make_finetune_fn(config, model.towers, init, tr, model.text, 3)
+    tuned = make_finetune_fn(config, model.towers, init, tr, model.text, 3)
     scores3 = np.asarray(tuned(support, shots=1, seed=0)(x))
     assert ce(scores3, y) < ce(scores0, y)  # L_pred went down on the support set
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray,
@@ -267,10 +250,8 @@ def test_finetune_fn_and_fewshot_finetune(data_dir, model, splits):
     config.eval.evals = "fewshot_finetune"
     config.eval.fewshot_shots = (1,)
     config.eval.fewshot_seeds = 1
-    mesh1 = sharding.make_mesh(devices=jax.devices()[:1])
-    with pytest.raises(ValueError, match="towers"):
-        run(config, model, mesh1, finetune_steps=3)
-    m = run(config, model, mesh1, towers=model.towers, finetune_steps=3)
+    config.eval.finetune_steps = 3
+    m = run(config, model, sharding.make_mesh(devices=jax.devices()[:1]))
     assert set(m) == {"fewshot_finetune/1shot/top1", "fewshot_finetune/1shot/top1_std"}
     assert 0.0 <= m["fewshot_finetune/1shot/top1"] <= 1.0
 
@@ -312,7 +293,7 @@ def test_evaluate_checkpoint_errors_name_the_path(data_dir, evclip_dir, tmp_path
         runner.evaluate_checkpoint(config, tmp_path)
     config.data.dir = str(data_dir)
     config.eval.evals = "zeroshot,anomaly"
-    with pytest.raises(ValueError, match="--videos"):
+    with pytest.raises(ValueError, match="config.eval.anomaly_videos"):
         runner.evaluate_checkpoint(config, tmp_path)
 
 
@@ -325,7 +306,7 @@ def test_evaluate_checkpoint_training_workdir(tmp_path):
     config.batch_size = 8
     config.checkpoint.async_save = False
     workdir = tmp_path / "run"
-    summary = train.train_and_evaluate(config, str(workdir))
+    summary = trainer.train_and_evaluate(config, str(workdir))
     assert summary["eval"]
     metrics = runner.evaluate_checkpoint(config, workdir)
     for key, value in summary["eval"].items():
@@ -365,15 +346,18 @@ def test_video_anomaly_auc_matches_sklearn(model, tmp_path):
     assert set(small_labels) == set(big_labels) == {0, 1}
     clip = EventCLIP(model.towers.config, jax.tree.map(jnp.asarray, model.params))
     normal, abnormal = ["a calm street"], ["a fight", "a car crash"]
-    metrics, plots = runner.evaluate_video_anomaly(
-        clip, {"small": [str(tmp_path / "small_frames.npz")],
-               "big": [str(tmp_path / "big_frames.npz")]},
-        normal, abnormal, batch_size=8, mesh=data_mesh(), return_details=True)
+    ids = text.token_ids(normal + abnormal, model.towers.config.text)
+    prompts = np.asarray(embed.class_text_embeddings(model.towers.text,
+                                                     model.params["text_tower"], ids))
+    metrics, plots = evaluate_video_anomaly(
+        model.towers, model.params["event_tower"], prompts[:1], prompts[1:],
+        float(model.params["logit_scale"]),
+        {"small": [str(tmp_path / "small_frames.npz")],
+         "big": [str(tmp_path / "big_frames.npz")]}, batch_size=8, mesh=data_mesh())
 
     # Reference: Eq. 1 frames (already at the tower's 16 px) -> event tower -> softmax.
     frames = small / (small.max(axis=(1, 2), keepdims=True) + 1)
     e = unit(clip.encode_events(frames))
-    ids = train.hash_tokenize(normal + abnormal, model.towers.config.text)
     t = unit(clip.encode_text(ids))
     logits = math.exp(float(model.params["logit_scale"])) * e @ t.T
     p = np.exp(logits - logits.max(1, keepdims=True))
@@ -390,14 +374,19 @@ def test_video_anomaly_auc_matches_sklearn(model, tmp_path):
 # ----------------------------------------------------------------------------- the CLI
 
 
-def test_eval_cli_writes_metrics_and_report(data_dir, evclip_dir, model, tmp_path):
+def test_mode_eval_cli_writes_metrics_and_report(data_dir, evclip_dir, model, tmp_path):
+    """python -m evclip_jax.main --mode eval runs every evaluator, anomaly included, from
+    config fields."""
     synthetic_video(tmp_path / "clip_frames.npz", 16, 16, 2)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "evclip_jax.eval", f"--checkpoint={evclip_dir}",
-           f"--dataset={data_dir}", "--split=test", "--train_split=train",
-           "--evals=zeroshot,retrieval,fewshot,anomaly", "--fewshot_shots=1,2",
-           "--fewshot_seeds=1", "--batch_size=8", f"--prompt={tiny_config().data.prompt}",
-           f"--videos={tmp_path / 'clip_frames.npz'}", f"--out={out}"]
+    cmd = [sys.executable, "-m", "evclip_jax.main", "--mode=eval",
+           f"--config={REPO / 'configs' / 'demo.py'}", f"--workdir={tmp_path / 'wd'}",
+           f"--eval_dir={out}", f"--config.eval.checkpoint={evclip_dir}",
+           f"--config.data.dir={data_dir}", "--config.data.eval_split=test",
+           "--config.eval.evals=zeroshot,retrieval,fewshot,anomaly",
+           "--config.eval.fewshot_shots=(1, 2)", "--config.eval.fewshot_seeds=1",
+           "--config.eval.batch_size=8",
+           f"--config.eval.anomaly_videos=('{tmp_path / 'clip_frames.npz'}',)"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=600)

@@ -1,4 +1,5 @@
-"""Event frames: Eq. 1 against independent float64 references, tf parity, windows, options."""
+"""Event frames: Eq. 1 against independent float64 references, tf parity, windows, options,
+and the tower input ``embed.events_to_tower_input`` makes of them."""
 
 import subprocess
 import sys
@@ -7,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evclip_jax.events import EVENT_DTYPE, event_counts, event_frame, frame_to_tower_input, frames
+from evclip_jax import embed
+from evclip_jax.events import EVENT_DTYPE, event_counts, event_frame, frames
 
 
 def _events(n, width, height, seed=0, t_max=10**6):
@@ -115,15 +117,15 @@ def test_event_counts_uint16_overflow():
     assert event_frame(ev, (2, 2), 2)[0, 0] == np.float32(70000 / 70001)
 
 
-def test_frame_to_tower_input():
+def test_event_frame_to_tower_input():
+    """The release's map of Eq. 1 frames: (E - 0.5) * 2 replicated, no CLIP mean/std."""
     frame = event_frame(_events(500, 34, 34), (34, 34), 32)
-    tower = frame_to_tower_input(frame)
-    assert tower.shape == (32, 32, 3) and tower.dtype == np.float32
+    tower = np.asarray(embed.events_to_tower_input(np.stack([frame, frame]), "evclip"))
+    assert tower.shape == (2, 32, 32, 3) and tower.dtype == np.float32
     want = frame.astype(np.float64) * 2.0 - 1.0
     for c in range(3):
-        np.testing.assert_allclose(tower[..., c], want, rtol=0, atol=1e-7)
+        np.testing.assert_allclose(tower[1, ..., c], want, rtol=0, atol=1e-7)
     assert tower.min() >= -1 and tower.max() < 1
-    assert frame_to_tower_input(np.stack([frame, frame])).shape == (2, 32, 32, 3)
 
 
 def test_windows():
@@ -171,6 +173,11 @@ def test_tf_matches_numpy(clamp):
     tf_frame = frames.event_frame_tf(x, y, (480, 640), 224, clamp=clamp).numpy()
     assert tf_frame.dtype == np.float32
     np.testing.assert_array_equal(tf_frame, frame)
+    # The normalisation alone, from stored uint16 counts and from float counts.
+    for stored in (counts, counts.astype(np.float32)):
+        tf_norm = frames.counts_to_frame_tf(tf.constant(stored)).numpy()
+        assert tf_norm.dtype == np.float32
+        np.testing.assert_array_equal(tf_norm, frames.counts_to_frame(counts))
 
 
 def test_tf_inside_dataset_map():
@@ -267,12 +274,18 @@ def test_eventbind_frames_hand_computed():
 
 
 def test_representation_registry():
+    """The registry's names are embed's; each function's output is what embed maps."""
+    assert sorted(frames.REPRESENTATIONS) == sorted(embed.REPRESENTATIONS)
     ev = _events(500, 34, 34)
-    for name in ("eq1", "eventclip", "eventbind"):
+    shapes = {"evclip": (32, 32), "eventclip": (32, 32, 3), "eventbind": (3, 32, 32, 3)}
+    for name in embed.REPRESENTATIONS:
         out = frames.get_representation(name)(ev, sensor_size=(34, 34), out_size=32)
-        assert out.shape[-2 if name == "eq1" else -3] == 32
-    assert frames.REPRESENTATIONS["eq1"] is event_frame
-    with pytest.raises(ValueError, match="eq1, eventbind, eventclip"):
+        assert out.shape == shapes[name] and out.dtype == np.float32
+        assert out.min() >= 0 and out.max() <= 1
+        tower = embed.events_to_tower_input(out[None], name)
+        assert tower.shape == ((1, 32, 32, 3) if name == "evclip" else (1, *shapes[name]))
+    assert frames.REPRESENTATIONS["evclip"] is event_frame
+    with pytest.raises(ValueError, match="evclip, eventbind, eventclip"):
         frames.get_representation("eventclp")
-    with pytest.raises(ValueError, match="'eq2'"):
-        frames.REPRESENTATIONS["eq2"]
+    with pytest.raises(ValueError, match="'eq1'"):
+        frames.REPRESENTATIONS["eq1"]

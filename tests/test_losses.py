@@ -279,6 +279,26 @@ def test_loss_htca_value():
     np.testing.assert_allclose(float(out), ref_htca(e, v, t, labels, LOGIT_SCALE), rtol=RTOL)
 
 
+def ref_clip(v, t, logit_scale):
+    """CLIP's symmetric loss: both directions of InfoNCE at temperature 1 / s."""
+    s = np.exp(logit_scale)
+    return 0.5 * (ref_ct(v, t, 1 / s) + ref_ct(t, v, 1 / s))
+
+
+def test_loss_clip_value_and_grad():
+    e, v, _, _ = make_batch(N, seed=51)
+    out = losses.loss_clip(f32(v), f32(e), LOGIT_SCALE)
+    assert out.dtype == jnp.float32 and out.shape == ()
+    np.testing.assert_allclose(float(out), ref_clip(v, e, LOGIT_SCALE), rtol=RTOL)
+    # Hand case: two orthogonal pairs at s = 1: each row's CE is log(1 + e^-1).
+    hand = losses.loss_clip(jnp.eye(2), jnp.eye(2), 0.0)
+    np.testing.assert_allclose(float(hand), np.log(1 + np.exp(-1.0)), rtol=1e-6)
+    g = jax.grad(lambda x: losses.loss_clip(f32(v), x, LOGIT_SCALE))(f32(e))
+    assert_grad_close(g, fd_grad(lambda x: ref_clip(v, x, LOGIT_SCALE), e))
+    with pytest.raises(ValueError, match="same"):
+        losses.loss_clip(f32(v), f32(e[:-1]), LOGIT_SCALE)
+
+
 def test_all_losses_other_batch_size():
     e, v, t, labels = make_batch(6, seed=55, correlated=True)
     e, v = 1.3 * e, 0.8 * v  # unnormalised, for loss_mod and the cosine form of loss_pred

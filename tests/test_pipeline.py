@@ -1,8 +1,11 @@
-"""tf.data pipeline: contract batches, frame maths, determinism, host sharding, eval padding,
-resume, paired augmentation, global jax.Arrays, corrupt shards."""
+"""tf.data pipeline: contract batches (each event representation against embed's maps of the
+NumPy frames), determinism, host sharding, eval padding, resume, paired augmentation, global
+jax.Arrays, representation mismatch, corrupt shards."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import struct
 
@@ -14,9 +17,23 @@ from PIL import Image
 
 tf = pytest.importorskip("tensorflow")
 
+from evclip_jax import embed  # noqa: E402
 from evclip_jax.data import pipeline  # noqa: E402
-from evclip_jax.data.tfrecords import PairedItem, encode_png, write_tfrecords  # noqa: E402
-from evclip_jax.events.frames import eval_window, event_counts, frame_to_tower_input  # noqa: E402
+from evclip_jax.data.augment import RELEASE_AUGMENT  # noqa: E402
+from evclip_jax.data.records import (  # noqa: E402
+    PairedItem,
+    encode_png,
+    load_gray_image,
+    write_tfrecords,
+)
+from evclip_jax.events.frames import (  # noqa: E402
+    eval_window,
+    event_counts,
+    event_frame,
+    eventbind_frames,
+    eventclip_frame,
+    random_window,
+)
 from evclip_jax.events.io import EVENT_DTYPE, write_events  # noqa: E402
 
 S = 32
@@ -24,7 +41,10 @@ SENSOR = (24, 40)
 N = 37  # examples; label i is example i, so labels identify examples
 WINDOW_K = 150
 EMB_DIM = 4
-AUG = pipeline.RELEASE_AUGMENT
+AUG = RELEASE_AUGMENT
+T = 2  # eventbind frames
+EVENT_SHAPES = {"evclip": (S, S, 3), "eventclip": (S, S, 3), "eventbind": (T, S, S, 3)}
+MEAN, STD = np.array(embed.CLIP_MEAN), np.array(embed.CLIP_STD)
 
 
 def _random_events(rng, n, sensor=SENSOR):
@@ -56,7 +76,7 @@ def data(tmp_path_factory):
         write_tfrecords(items, out, class_names=[f"c{i}" for i in range(N)], out_size=S,
                         sensor_size=SENSOR, window_k=WINDOW_K, num_shards=3, split=split,
                         seed=5, teacher_emb=emb, progress=False)
-    return {"dir": str(out), "events": events, "images": images, "emb": emb}
+    return {"dir": str(out), "events": events, "images": images, "emb": emb, "items": items}
 
 
 def _batches(data_dir, split="train", n=None, **kw):
@@ -71,7 +91,7 @@ def _eval_labels(batches):
 
 def test_contract_keys_shapes_ranges(data):
     batches = _batches(data["dir"], n=3, augment=AUG, teacher_emb=True)
-    mean, std = np.array(pipeline.CLIP_MEAN), np.array(pipeline.CLIP_STD)
+    mean, std = MEAN, STD
     for b in batches:
         assert set(b) == {"events", "images", "labels", "mask", "teacher_emb"}
         assert b["events"].shape == (8, S, S, 3) and b["events"].dtype == np.float32
@@ -88,22 +108,23 @@ def test_contract_keys_shapes_ranges(data):
 
 
 def test_eval_frame_maths_padding_and_mask(data):
-    """No augmentation: events == frame_to_tower_input(counts / (max + 1)) of the stored
-    window, images == CLIP-normalised replicated gray; 37 examples, batch 16 -> 3 batches,
-    37 True masks, each example once."""
+    """No augmentation: events == (E - 0.5) * 2 replicated, E = counts / (max + 1) of the
+    stored window, images == CLIP-normalised replicated gray; 37 examples, batch 16 -> 3
+    batches, 37 True masks, each example once."""
     batches = _batches(data["dir"], "test", global_batch_size=16, train=False)
     assert len(batches) == 3
     assert sum(int(b["mask"].sum()) for b in batches) == N
     assert sorted(_eval_labels(batches)) == list(range(N))
     assert (batches[-1]["labels"][~batches[-1]["mask"]] == pipeline.PAD_LABEL).all()
-    mean, std = np.array(pipeline.CLIP_MEAN), np.array(pipeline.CLIP_STD)
+    mean, std = MEAN, STD
     for b in batches:
         for events, image, label in zip(b["events"][b["mask"]], b["images"][b["mask"]],
                                         b["labels"][b["mask"]], strict=True):
             ev = data["events"][label]
             counts = event_counts(ev, SENSOR, S, window=eval_window(len(ev), WINDOW_K, 5))
             frame = counts.astype(np.float64) / (counts.max() + 1)
-            np.testing.assert_allclose(events, frame_to_tower_input(frame), rtol=0, atol=1e-6)
+            np.testing.assert_allclose(events, np.repeat(frame[..., None] * 2 - 1, 3, -1),
+                                       rtol=0, atol=1e-6)
             img = Image.open(data["images"][label]).convert("L").resize((S + 8, S),
                                                                          Image.BICUBIC)
             gray = np.asarray(img, np.float64)[:, 4:4 + S] / 255.0
@@ -160,9 +181,90 @@ def test_resume_matches_uninterrupted(data):
                 np.testing.assert_array_equal(x[k], y[k])
 
 
+# --------------------------------------------------------------------------------------------
+# Event representations: records -> make_dataset -> global_batches == embed's maps.
+
+
+@pytest.fixture(scope="module", params=["evclip", "eventclip", "eventbind"])
+def rep_data(request, data, tmp_path_factory):
+    """The first 10 examples of ``data`` as records of one representation."""
+    rep, items = request.param, data["items"][:10]
+    out = str(tmp_path_factory.mktemp(f"records_{rep}"))
+    for split in ("train", "test"):
+        write_tfrecords(items, out, class_names=[f"c{i}" for i in range(10)], out_size=S,
+                        sensor_size=SENSOR, window_k=WINDOW_K, num_shards=3, split=split,
+                        seed=5, representation=rep, num_frames=T, progress=False)
+    return {"dir": out, "rep": rep, "events": data["events"], "images": data["images"]}
+
+
+def _reference(rep, ev, window):
+    """frames.py's NumPy frames of one window, mapped to the tower input by embed."""
+    if rep == "evclip":
+        frames = event_frame(ev, SENSOR, S, window=window)
+    elif rep == "eventclip":
+        frames = eventclip_frame(ev, SENSOR, S, window=window)
+    else:
+        frames = eventbind_frames(ev, SENSOR, S, window=window, num_bins=T, split="count")
+    return np.asarray(embed.events_to_tower_input(frames[None], rep))[0]
+
+
+def test_representation_batches_equal_embed_maps(rep_data):
+    """Augmentation off, evaluation and training: each row of the global batches is embed's
+    map of frames.py's frames of the record's window, and of its gray image."""
+    rep = rep_data["rep"]
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    for split, train in (("test", False), ("train", True)):
+        ds = pipeline.make_dataset(rep_data["dir"], split, global_batch_size=8, out_size=S,
+                                   train=train, seed=0, representation=rep)
+        batches = list(itertools.islice(pipeline.global_batches(ds, mesh), 2))
+        assert len(batches) == 2 and sum(int(b["mask"].sum()) for b in batches) >= 10
+        for b in batches:
+            b = {k: np.asarray(v) for k, v in b.items()}
+            assert set(b) == {"events", "images", "labels", "mask"}
+            assert b["events"].shape == (8, *EVENT_SHAPES[rep]) and b["events"].dtype == np.float32
+            assert b["images"].shape == (8, S, S, 3) and b["images"].dtype == np.float32
+            assert b["labels"].dtype == np.int32 and b["mask"].dtype == bool
+            for events, image, label in zip(b["events"][b["mask"]], b["images"][b["mask"]],
+                                            b["labels"][b["mask"]], strict=True):
+                ev = rep_data["events"][label]
+                if train:  # item index == label; the writer's rule default_rng([seed, index])
+                    window = random_window(len(ev), WINDOW_K, np.random.default_rng([5, label]))
+                else:
+                    window = eval_window(len(ev), WINDOW_K, 5)
+                np.testing.assert_allclose(events, _reference(rep, ev, window), rtol=0,
+                                           atol=1e-6)
+                gray = load_gray_image(rep_data["images"][label], S)
+                np.testing.assert_allclose(image, embed.images_to_tower_input(gray[None])[0],
+                                           rtol=0, atol=2e-6)
+
+
+def test_representation_mismatch_names_the_manifest(rep_data):
+    rep = rep_data["rep"]
+    other = "eventclip" if rep != "eventclip" else "evclip"
+    with pytest.raises(ValueError) as info:
+        pipeline.make_dataset(rep_data["dir"], "train", global_batch_size=8, out_size=S,
+                              train=True, seed=0, representation=other)
+    for part in (os.path.join(rep_data["dir"], "train.manifest.json"),
+                 f"config.data.representation={other!r}", repr(rep)):
+        assert part in str(info.value)
+
+
+@pytest.mark.parametrize("rep_data", ["eventbind"], indirect=True)
+def test_resume_multichannel(rep_data):
+    """Augmented eventbind batches resume exactly (10 records, 4 per batch: step 4 starts
+    inside epoch 1 and its batch straddles the epoch 1/2 boundary)."""
+    kw = {"global_batch_size": 4, "augment": AUG, "seed": 3, "representation": "eventbind"}
+    full = _batches(rep_data["dir"], n=6, **kw)
+    tail = _batches(rep_data["dir"], n=2, start_step=4, **kw)
+    for x, y in zip(full[4:], tail, strict=True):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
 @pytest.fixture(scope="module")
 def squares(tmp_path_factory):
-    """Events and images of the same off-centre bright square (sensor == out_size)."""
+    """Events and images of the same off-centre bright square (sensor == out_size): each pixel
+    of the square fires twice, ON in the first half of the stream, OFF in the second."""
     root = tmp_path_factory.mktemp("squares")
     rng = np.random.default_rng(1)
     items, centres = [], []
@@ -174,6 +276,7 @@ def squares(tmp_path_factory):
         ev["x"] = np.tile(xs.ravel(), 2)
         ev["y"] = np.tile(ys.ravel(), 2)
         ev["t"] = np.arange(len(ev))
+        ev["p"] = np.repeat([1, 0], ys.size)
         write_events(str(root / f"e{i}.npz"), ev)
         image = np.zeros((S, S), np.uint8)
         image[top:top + 12, left:left + 12] = 255
@@ -181,7 +284,7 @@ def squares(tmp_path_factory):
         items.append(PairedItem(str(root / f"e{i}.npz"), str(root / f"i{i}.png"), i))
     write_tfrecords(items, root, class_names=[str(i) for i in range(16)], out_size=S,
                     sensor_size=(S, S), split="train", progress=False)
-    return str(root), np.array(centres)
+    return str(root), np.array(centres), items
 
 
 def _centroids(mask):
@@ -189,21 +292,34 @@ def _centroids(mask):
     return np.array([ys.mean(), xs.mean()]) if len(ys) else None
 
 
-def _square_offsets(batches):
+def _event_masks(events, rep):
+    """Where one example's tower input shows events, per channel or frame that carries them:
+    evclip [1, S, S]; eventclip ON and OFF [2, S, S]; eventbind [T, S, S] (pixels off the
+    white background: green below 0.5)."""
+    mid = (0.5 - MEAN) / STD
+    if rep == "evclip":
+        return (events[..., 0] > -0.5)[None]
+    if rep == "eventclip":
+        return np.moveaxis(events[..., :2] > mid[:2], -1, 0)
+    return events[..., 1] < mid[1]
+
+
+def _square_offsets(batches, rep="evclip"):
     """Per example where both squares are in view: the largest coordinate difference between
     the event square's and the image square's centroids (a crop may cut both out)."""
-    mid = (0.5 - pipeline.CLIP_MEAN[0]) / pipeline.CLIP_STD[0]
+    mid = (0.5 - MEAN[0]) / STD[0]
     out = []
     for b in batches:
         for events, image in zip(b["events"], b["images"], strict=True):
-            ce, ci = _centroids(events[..., 0] > -0.5), _centroids(image[..., 0] > mid)
+            ce = _centroids(_event_masks(events, rep)[0])
+            ci = _centroids(image[..., 0] > mid)
             if ce is not None and ci is not None:
                 out.append(np.abs(ce - ci).max())
     return np.array(out)
 
 
 def test_paired_augmentation_keeps_alignment(squares):
-    root, centres = squares
+    root, centres, _ = squares
     paired = _batches(root, n=2, seed=0, augment=AUG, paired_aug=True)
     offsets = _square_offsets(paired)
     assert len(offsets) >= 12 and offsets.max() < 1.0
@@ -214,6 +330,34 @@ def test_paired_augmentation_keeps_alignment(squares):
     unpaired = _batches(root, n=2, seed=0, augment=AUG, paired_aug=False)
     offsets = _square_offsets(unpaired)
     assert offsets.max() > 3
+
+
+@pytest.mark.parametrize("rep", ["eventclip", "eventbind"])
+def test_paired_augmentation_multichannel(squares, rep, tmp_path):
+    """One geometric transform moves every channel and frame of the event representation
+    and the image alike; nearest resampling keeps the colours and shifted-in pixels are
+    empty (eventclip 0, eventbind the white background)."""
+    _, _, items = squares
+    write_tfrecords(items, tmp_path, class_names=[str(i) for i in range(16)], out_size=S,
+                    sensor_size=(S, S), split="train", representation=rep, num_frames=T,
+                    progress=False)
+    paired = _batches(str(tmp_path), n=2, seed=0, augment=AUG, representation=rep)
+    for b in paired:
+        assert b["events"].shape == (8, *EVENT_SHAPES[rep])
+        for events in b["events"]:
+            masks = _event_masks(events, rep)
+            assert all(np.array_equal(m, masks[0]) for m in masks)
+            m = masks[0][..., None]
+            if rep == "eventclip":  # ON and OFF counts 1 / max 1 in the square, zeros elsewhere
+                want = np.concatenate([m, m, 0 * m], -1).astype(float)
+            else:  # frame 0 (ON events) red, frame 1 (OFF) blue, white elsewhere
+                want = np.stack([np.where(m, c, 1.0) for c in ((1, 0, 0), (0, 0, 1))])
+            np.testing.assert_allclose(events * STD + MEAN, want, rtol=0, atol=1e-5)
+    offsets = _square_offsets(paired, rep)
+    assert len(offsets) >= 12 and offsets.max() < 1.0
+    unpaired = _batches(str(tmp_path), n=2, seed=0, augment=AUG, paired_aug=False,
+                        representation=rep)
+    assert _square_offsets(unpaired, rep).max() > 3
 
 
 def test_global_batches_sharded_over_fake_devices(data):
@@ -244,9 +388,10 @@ def test_missing_data_errors_name_the_path(tmp_path, data):
     with pytest.raises(ValueError, match="out_size"):
         pipeline.make_dataset(data["dir"], "train", global_batch_size=8, out_size=S * 2,
                               train=True, seed=0)
-    with pytest.raises(ValueError, match="unknown keys"):
-        pipeline.make_dataset(data["dir"], "train", global_batch_size=8, out_size=S,
-                              train=True, seed=0, augment={"rotate": 1})
+    for unknown in ({"rotate": 1}, {**AUG, "time_flip": True}):  # time flip: a no-op, gone
+        with pytest.raises(ValueError, match="unknown keys"):
+            pipeline.make_dataset(data["dir"], "train", global_batch_size=8, out_size=S,
+                                  train=True, seed=0, augment=unknown)
 
 
 # --------------------------------------------------------------------------------------------

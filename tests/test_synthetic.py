@@ -1,14 +1,19 @@
-"""Tests for data/synthetic.py: the synthetic paired dataset builds, reads back and is seeded."""
+"""Tests for data/synthetic.py: the synthetic paired dataset builds, reads back and is seeded,
+and each event representation reaches the batches as embed maps frames.py's frames."""
 
 import glob
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 from PIL import Image
 
+from evclip_jax import embed
 from evclip_jax.data.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_dataset
+from evclip_jax.events import frames
 from evclip_jax.events.io import detect_format, read_events
 
 NUM_CLASSES, PER_CLASS, SIZE = 4, 4, 16
@@ -102,6 +107,43 @@ def test_bin_format_and_separate_sensor(tmp_path):
             assert ev.size > 0 and ev["t"].max() < 2**23
 
 
+@pytest.mark.parametrize("representation", ["evclip", "eventclip", "eventbind"])
+def test_representations_through_the_pipeline(tmp_path, representation):
+    """make_synthetic_dataset(representation=...) -> make_dataset -> global_batches: each row
+    is embed's map of frames.py's frames of the whole event file, and of the image."""
+    from evclip_jax.data import pipeline
+
+    manifests = make_synthetic_dataset(tmp_path, num_classes=2, per_class=4, image_size=SIZE,
+                                       splits={"train": 0.5, "test": 0.5}, seed=2,
+                                       representation=representation, num_frames=2)
+    test = manifests["test"]
+    shape = {"evclip": [SIZE] * 2, "eventclip": [SIZE, SIZE, 3],
+             "eventbind": [2, SIZE, SIZE, 3]}[representation]
+    assert test["representation"] == representation and test["event_shape"] == shape
+    ds = pipeline.make_dataset(tmp_path, "test", global_batch_size=8, out_size=SIZE,
+                               train=False, seed=0, representation=representation)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    (batch,) = [{k: np.asarray(v) for k, v in b.items()}
+                for b in pipeline.global_batches(ds, mesh)]
+    info = test["synthetic"]
+    assert batch["mask"].tolist() == [True] * 4 + [False] * 4  # item order, then padding
+    assert batch["labels"][:4].tolist() == info["labels"]
+    options = {"eventbind": {"num_bins": 2, "split": "count"}}.get(representation, {})
+    for row, (event_path, image_path) in enumerate(zip(info["event_files"],
+                                                       info["image_files"], strict=True)):
+        ev = read_events(event_path)
+        reference = frames.get_representation(representation)(ev, (SIZE, SIZE), SIZE,
+                                                               **options)
+        np.testing.assert_allclose(batch["events"][row],
+                                   embed.events_to_tower_input(reference[None],
+                                                               representation)[0],
+                                   rtol=0, atol=1e-6)
+        gray = np.asarray(Image.open(image_path))  # already SIZE x SIZE gray
+        np.testing.assert_allclose(batch["images"][row],
+                                   embed.images_to_tower_input(gray[None])[0], rtol=0,
+                                   atol=2e-6)
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="num_classes"):
         make_synthetic_dataset(tmp_path, num_classes=0)
@@ -111,3 +153,5 @@ def test_bad_arguments(tmp_path):
         make_synthetic_dataset(tmp_path, per_class=1, splits={"train": 0.5, "test": 0.5})
     with pytest.raises(ValueError, match="event_format"):
         make_synthetic_dataset(tmp_path, event_format="mp4")
+    with pytest.raises(ValueError, match="representation 'eq1'"):
+        make_synthetic_dataset(tmp_path, representation="eq1")

@@ -55,9 +55,9 @@ def data_order(workdir: Path) -> dict[int, list[int]]:
 
 
 def event_params(workdir: Path):
-    from evclip_jax import train
+    from evclip_jax import checkpoints
 
-    return jax.device_get(train.load_trained(workdir).params["event_tower"])
+    return checkpoints.load_model(workdir)[1]["event_tower"]
 
 
 def complete_steps(workdir: Path) -> list[int]:
@@ -150,7 +150,7 @@ def test_bad_configs_are_refused_before_compute(tmp_path, data_dir):
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
     import jax.numpy as jnp
 
-    from evclip_jax import losses, train
+    from evclip_jax import losses, trainer
 
     workdir = tmp_path / "run"
     run(workdir, f"--config.data.dir={data_dir}", "--config.num_train_steps=4")
@@ -165,8 +165,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir,
     config.data.dir = str(data_dir)
     config.num_train_steps = 12
     monkeypatch.setattr(losses, "loss_kl", lambda *a, **k: jnp.float32(jnp.nan))
-    with pytest.raises(train.NonFiniteLossError) as err:
-        train.train_and_evaluate(config, str(workdir))
+    with pytest.raises(trainer.NonFiniteLossError) as err:
+        trainer.train_and_evaluate(config, str(workdir))
     message = str(err.value)
     assert "step 5" in message and str(workdir / "checkpoints" / "4") in message
     assert complete_steps(workdir) == [4]
@@ -177,7 +177,7 @@ def test_demo_command_and_export(tmp_path):
     import torch
     from transformers import CLIPVisionModelWithProjection
 
-    from evclip_jax import train
+    from evclip_jax.api import EventCLIP
 
     workdir = tmp_path / "demo"
     out = run(workdir, "--config.eval.at_end=False", config="configs/demo.py:steps=6")
@@ -188,7 +188,7 @@ def test_demo_command_and_export(tmp_path):
 
     run(workdir, config="configs/demo.py:steps=6", mode="export")
     hf = CLIPVisionModelWithProjection.from_pretrained(workdir / "export" / "event").eval()
-    model = train.load_trained(workdir)
+    model = EventCLIP.from_pretrained(workdir)
     frames = np.random.default_rng(0).uniform(0, 1, (2, 32, 32)).astype(np.float32)
     ours = np.asarray(model.encode_events(frames))
     pixel = torch.tensor(np.repeat(((frames - 0.5) * 2)[:, None], 3, axis=1))

@@ -1,7 +1,7 @@
 r"""Train-step throughput, JAX against PyTorch, and GPU parity of the Flax CLIP with HF.
 
 Benchmark (default): for each model (random init built from config, nothing downloaded) the
-real train step of evclip_jax.train (make_train_step + jit_train_step on a mesh of all local
+real train step of the trainer (step.setup from config_base.base_config(), on a mesh of all local
 devices, donated state, frozen image tower run inside the step, 100 class text embeddings
 precomputed, bf16 compute, float32 params and optimizer) against the same step in PyTorch
 (tools/bench_train_step_torch.py: HF CLIPVisionModelWithProjection, SDPA, bf16 autocast, TF32,
@@ -21,7 +21,8 @@ PyTorch loss twin against evclip_jax.losses on the same embeddings.
     PYTHONPATH=. python3 tools/bench_train_step.py --check --models=b32,l14
     PYTHONPATH=. python3 tools/bench_train_step.py --models=b32,l14 --steps=20 --repeats=5
 
-Imports neither TensorFlow nor ml_collections (the GPU machine has neither).
+Imports no TensorFlow; its config is config_base.base_config() (carry ml_collections as a wheel
+where it is not installed).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import sys
 import tempfile
 import time
 import traceback
-from types import SimpleNamespace
 
 from absl import app, flags
 
@@ -113,16 +113,16 @@ def hf_vision_config(model: str) -> dict:
                 layer_norm_eps=v.layer_norm_eps)
 
 
-def bench_config(batch_size: int) -> SimpleNamespace:
-    """The fields of the training config that make_loss_fn, make_optimizer and trainable_from
-    read, with base_config's defaults (paper loss, release optimizer)."""
-    loss = SimpleNamespace(
-        ct_weight=1.0, zs_weight=0.1, kl_weight=1.0, pred_weight=0.0, ct_release=False,
-        tau_ct_init=1.0, logit_scale_init=math.log(1 / 0.07), zs_temperature=2.0,
-        zs_form="zscl", kl_temperature=0.01, sinkhorn_iters=3, pred_form="ce")
-    optim = SimpleNamespace(base_lr=1e-6, b1=0.9, b2=0.999, weight_decay=0.03,
-                            grad_clip_norm=0.0)
-    return SimpleNamespace(batch_size=batch_size, loss=loss, optim=optim)
+def bench_config(batch_size: int):
+    """The training config of the benchmark: ``base_config()`` (the paper's objective and loss,
+    the release's optimizer) at this global batch size."""
+    from evclip_jax.config_base import base_config
+
+    config = base_config()
+    config.batch_size = batch_size
+    config.optim.warmup_steps = 100
+    config.num_train_steps = 10_000
+    return config
 
 
 def step_flops(model: str, batch_size: int) -> float:
@@ -168,7 +168,7 @@ def jax_bench(model: str, attention: str, steps: int, repeats: int, warmup: int)
     import jax.numpy as jnp
     import numpy as np
 
-    from evclip_jax import sharding, train
+    from evclip_jax import embed, sharding, step, text
     from evclip_jax.models.clip import Towers
 
     t_start = time.perf_counter()
@@ -178,21 +178,26 @@ def jax_bench(model: str, attention: str, steps: int, repeats: int, warmup: int)
 
     clip_cfg = clip_config(model)
     cfg = bench_config(batch_size_of(model))
+    cfg.model.dtype = "bfloat16"
+    cfg.model.attention_impl = attention
     devices = jax.local_devices()
     if cfg.batch_size % len(devices):
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by {len(devices)} devices")
     mesh = sharding.make_mesh(data=-1, devices=devices)
-    rules = sharding.DEFAULT_RULES
-    towers = Towers(clip_cfg, dtype=jnp.bfloat16, attention_impl=attention or None)
+    towers = step.make_towers(cfg, clip_cfg)
 
     # Random params made on the device; jit returns separate buffers for the event tower and
     # the image tower it copies (the event tower is donated every step).
     params = jax.jit(Towers(clip_cfg).init)(jax.random.key(0))
-    frozen = train.place_params({k: params[k] for k in train.FROZEN}, towers, mesh, rules)
-    trainable = train.place_params(train.trainable_from(params, cfg), towers, mesh, rules)
+    prompts = [f"a photo of a class {i}" for i in range(NUM_CLASSES)]
+    ids = text.token_ids(prompts, clip_cfg.text)
+    text_emb = embed.class_text_embeddings(towers.text, params["text_tower"], ids)
+    # The trainer's own set-up: placement, optimizer state and the jitted step.
+    s = step.setup(cfg, towers, params, text_emb, mesh, total_steps=cfg.num_train_steps,
+                   warmup_steps=cfg.optim.warmup_steps)
+    state, frozen, text_emb = s.state, s.frozen, s.classes
     del params
-    phase("params initialised and placed")
-    tx, schedule = train.make_optimizer(cfg, total_steps=10_000, warmup_steps=100)
+    phase("params initialised and placed, optimizer state and class text embeddings ready")
 
     v = clip_cfg.vision
     shape = (cfg.batch_size, v.image_size, v.image_size, v.num_channels)
@@ -208,17 +213,8 @@ def jax_bench(model: str, attention: str, steps: int, repeats: int, warmup: int)
                 "labels": sharding.batch_sharding(mesh, 1)}
     batch = jax.jit(make_batch, out_shardings=batch_sh)(jax.random.key(1))
 
-    with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):
-        state = train.init_state(trainable, tx)
-        prompts = [f"a photo of a class {i}" for i in range(NUM_CLASSES)]
-        ids = train.hash_tokenize(prompts, clip_cfg.text)
-        text_emb = jax.device_put(
-            train.class_text_embeddings(towers, frozen["text_tower"], ids),
-            sharding.replicated(mesh))
-        phase("optimizer state and class text embeddings ready")
-
-        step_fn = train.jit_train_step(train.make_train_step(towers, cfg.loss, tx, schedule),
-                                       state, frozen, text_emb, batch, mesh)
+    with jax.set_mesh(mesh):
+        step_fn = s.step_fn
         t0 = time.perf_counter()
         compiled = step_fn.lower(state, frozen, text_emb, batch).compile()
         compile_s = time.perf_counter() - t0
@@ -401,7 +397,7 @@ def _rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def _check_losses(cfg: SimpleNamespace) -> dict:
+def _check_losses(cfg) -> dict:
     """The PyTorch loss twin against evclip_jax.losses: values and gradients (float32, GPU)."""
     import jax
     import jax.numpy as jnp

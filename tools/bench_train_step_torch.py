@@ -43,7 +43,7 @@ def _log_sinkhorn(S, iters: int):
 
 def step_losses(e_raw, v_raw, t, log_tau_ct, logit_scale, lc: SimpleNamespace):
     """(total, (L_ct, L_zs, L_kl)) in float32, as evclip_jax.train.make_loss_fn computes them
-    for zs_form="zscl", ct_release=False and pred_weight=0."""
+    for zs_form="zscl" and ct_release=False (the evclip objective)."""
     import torch
     import torch.nn.functional as F
 

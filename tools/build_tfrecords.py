@@ -1,13 +1,16 @@
 r"""Builds paired event/image TFRecords (+ <split>.manifest.json) from a dataset layout.
 
-Layouts (pairing rules in evclip_jax/data/tfrecords.py):
+Layouts (pairing rules in evclip_jax/data/layouts.py; record format in
+evclip_jax/data/records.py):
   nimagenet    <event_root>/<split>/<wnid>/*.npz, images <image_root>/<split>/<wnid>/<stem>.JPEG
   ncaltech101  <event_root>/<class>/image_XXXX.bin, images <image_root>/<class>/image_XXXX.jpg
   nmnist       <event_root>/<split>/<digit>/*.bin (images optional)
   list         --list_file CSV rows event_path,image_path,label (relative to the CSV)
 
 Per-layout defaults (METHOD.md): window_k 30000/30000/2000, clamp None/20/10, sensor 640x480 /
-per-file max coordinate + 1 / 34x34.
+per-file max coordinate + 1 / 34x34. --representation picks what the records store: evclip
+(paper Eq. 1 counts, the default), eventclip (EventCLIP histogram) or eventbind
+(--num_frames EventBind frames of fixed-count windows); the clamp applies to evclip only.
 
     python tools/build_tfrecords.py --layout=nimagenet --event_root=/data/N_Imagenet \
       --source_split=extracted_train --image_root=/data/imagenet --image_split=train \
@@ -24,7 +27,8 @@ import time
 
 from absl import app, flags
 
-from evclip_jax.data import tfrecords
+from evclip_jax.data import layouts, records
+from evclip_jax.events import frames
 
 _LAYOUT = flags.DEFINE_enum("layout", None, ["nimagenet", "ncaltech101", "nmnist", "list"],
                             "source dataset layout")
@@ -56,37 +60,39 @@ _SYNSET = flags.DEFINE_string("synset_mapping", None,
 _EXCLUDE = flags.DEFINE_list("exclude_classes", [], "ncaltech101: class folders to leave out")
 _CLASS_NAMES = flags.DEFINE_string("class_names", None,
                                    "list: text file with one class name per line")
+_REPRESENTATION = flags.DEFINE_enum("representation", "evclip", list(frames.REPRESENTATIONS),
+                                    "event representation the records store")
+_NUM_FRAMES = flags.DEFINE_integer("num_frames", 3, "eventbind: frames per example")
 
 # layout -> (window_k, clamp, sensor_size (H, W))
 LAYOUT_DEFAULTS = {
-    "nimagenet": (30_000, None, tfrecords.NIMAGENET_SENSOR_SIZE),
+    "nimagenet": (30_000, None, layouts.NIMAGENET_SENSOR_SIZE),
     "ncaltech101": (30_000, 20, None),
-    "nmnist": (2_000, 10, tfrecords.NMNIST_SENSOR_SIZE),
+    "nmnist": (2_000, 10, layouts.NMNIST_SENSOR_SIZE),
     "list": (None, None, None),
 }
 
 
-def _items() -> tuple[list[tfrecords.PairedItem], list[str]]:
+def _items() -> tuple[list[records.PairedItem], list[str]]:
     layout, root = _LAYOUT.value, _EVENT_ROOT.value
     source = _SOURCE_SPLIT.value or _SPLIT.value
     if layout != "list" and not root:
         raise app.UsageError(f"--event_root is required for --layout={layout}")
     if layout == "nimagenet":
-        return tfrecords.nimagenet_items(root, source, _IMAGE_ROOT.value, subset=_SUBSET.value,
-                                         classes=_CLASSES.value, synset_mapping=_SYNSET.value,
-                                         image_split=_IMAGE_SPLIT.value)
+        return layouts.nimagenet_items(root, source, _IMAGE_ROOT.value, subset=_SUBSET.value,
+                                       classes=_CLASSES.value, synset_mapping=_SYNSET.value,
+                                       image_split=_IMAGE_SPLIT.value)
     if layout == "ncaltech101":
-        return tfrecords.ncaltech101_items(root, _IMAGE_ROOT.value,
-                                           exclude_classes=_EXCLUDE.value)
+        return layouts.ncaltech101_items(root, _IMAGE_ROOT.value, exclude_classes=_EXCLUDE.value)
     if layout == "nmnist":
-        return tfrecords.nmnist_items(root, source, _IMAGE_ROOT.value)
+        return layouts.nmnist_items(root, source, _IMAGE_ROOT.value)
     if not _LIST_FILE.value:
         raise app.UsageError("--list_file is required for --layout=list")
     names = None
     if _CLASS_NAMES.value:
         with open(_CLASS_NAMES.value) as f:
             names = [line.strip() for line in f if line.strip()]
-    return tfrecords.list_items(_LIST_FILE.value, names)
+    return layouts.list_items(_LIST_FILE.value, names)
 
 
 def main(argv: list[str]) -> None:
@@ -96,24 +102,31 @@ def main(argv: list[str]) -> None:
         window_k = _WINDOW_K.value or None
     if _CLAMP.value is not None:
         clamp = _CLAMP.value or None
+    if _REPRESENTATION.value != "evclip":
+        if _CLAMP.value:
+            raise app.UsageError(f"--clamp: the count clamp is Eq. 1's; "
+                                 f"--representation={_REPRESENTATION.value} takes none")
+        clamp = None
     if _SENSOR.value:
         if len(_SENSOR.value) != 2:
             raise app.UsageError(f"--sensor_size: expected H,W; got {_SENSOR.value}")
         sensor = tuple(int(s) for s in _SENSOR.value)
     items, class_names = _items()
-    print(f"{len(items)} items, {len(class_names)} classes; window_k={window_k} clamp={clamp} "
+    print(f"{len(items)} items, {len(class_names)} classes; representation="
+          f"{_REPRESENTATION.value} window_k={window_k} clamp={clamp} "
           f"sensor_size={sensor or 'per-file max + 1'} out_size={_OUT_SIZE.value}")
     start = time.perf_counter()
-    manifest = tfrecords.write_tfrecords(
+    manifest = records.write_tfrecords(
         items, _OUT_DIR.value, class_names=class_names, out_size=_OUT_SIZE.value,
         sensor_size=sensor, clamp=clamp, window_k=window_k, num_shards=_NUM_SHARDS.value,
-        split=_SPLIT.value, seed=_SEED.value, progress=True)
+        split=_SPLIT.value, seed=_SEED.value, representation=_REPRESENTATION.value,
+        num_frames=_NUM_FRAMES.value, progress=True)
     seconds = time.perf_counter() - start
     present = sum(1 for c in manifest["class_counts"] if c)
     print(f"wrote {manifest['num_examples']} records ({present} classes) in "
           f"{len(manifest['shards'])} shards to {_OUT_DIR.value} in {seconds:.1f} s "
           f"({manifest['num_examples'] / max(seconds, 1e-9):.1f} records/s); manifest "
-          f"{tfrecords.manifest_path(_OUT_DIR.value, _SPLIT.value)}")
+          f"{records.manifest_path(_OUT_DIR.value, _SPLIT.value)}")
 
 
 if __name__ == "__main__":

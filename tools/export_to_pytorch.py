@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from evclip_jax import EventCLIP, convert
+from evclip_jax import EventCLIP, checkpoints, convert
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "evclip checkpoint dir (evclip.json) or HF CLIP dir (config.json).")
@@ -56,7 +56,7 @@ def export_tower(checkpoint: str, out: str, tower: str = "event", overwrite: boo
     start = time.perf_counter()
     if Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite)")
-    kind = "evclip checkpoint" if convert.is_evclip_dir(checkpoint) else "HF CLIP dir"
+    kind = checkpoints.KINDS[checkpoints.model_kind(checkpoint, "--checkpoint")]
     log(f"loading {checkpoint} ({kind})")
     model = load_model(checkpoint)
     names = ("image_tower", "text_tower", "logit_scale") if tower == "clip" else (f"{tower}_tower",)

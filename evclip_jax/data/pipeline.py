@@ -1,8 +1,19 @@
 """tf.data input pipeline: paired TFRecords -> per-host batches -> global jax.Arrays.
 
-The only library module that imports TensorFlow at top level. Batches follow contracts.md
-"Batches": "events" [B,S,S,3] in [-1,1], "images" [B,S,S,3] CLIP-normalised, "labels" int32,
-"mask" bool, optional "teacher_emb".
+With data/augment.py, the only library modules that import TensorFlow at top level.
+A batch (B rows per host; S = the records' ``image_size``, T = ``num_frames``):
+
+* "events" float32, the event tower's input exactly as
+  ``evclip_jax.embed.events_to_tower_input(frames, representation)`` makes it from the
+  frames of the manifest's ``representation`` (evclip_jax.data.records): ``evclip``
+  [B, S, S, 3] = (E - 0.5) * 2 of the Eq. 1 frame E = counts / (max + 1), replicated, in
+  [-1, 1) (no CLIP mean/std, as the release); ``eventclip`` [B, S, S, 3] and ``eventbind``
+  [B, T, S, S, 3]: the [0, 1] frames, CLIP mean/std normalised (``embed.CLIP_MEAN``, ...).
+* "images" float32 [B, S, S, 3]: ``embed.images_to_tower_input`` of the gray paired images
+  (0..255; black when the records have none).
+* "labels" int32 [B]; "mask" bool [B] (False on evaluation padding, labels PAD_LABEL);
+  optional "teacher_emb" float32 [B, D].
+The tf maps here are twins of embed's jnp functions, and tested against them.
 
 Determinism does not depend on parallelism: the record order is a function of (seed, epoch)
 only (seeded piece order, deterministic interleave, seeded shuffle buffer), and every random
@@ -30,25 +41,14 @@ import numpy as np
 import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from evclip_jax.data.tfrecords import parse_example, read_manifest
+from evclip_jax import embed
+from evclip_jax.data.augment import Augment, check_augment
+from evclip_jax.data.records import manifest_path, parse_example, read_manifest
+from evclip_jax.events.frames import counts_to_frame_tf
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# Release train-time augmentation (METHOD.md "Event frame"). shift_px is at 224 px and is
-# scaled by out_size / 224. time_flip is accepted but is a no-op here: Eq. 1 frames sum over
-# t, so reversing time leaves them unchanged.
-RELEASE_AUGMENT = {
-    "shift_px": 20,
-    "crop_scale": (0.45, 1.0),
-    "crop_ratio": (3.0 / 4.0, 4.0 / 3.0),  # torchvision RandomResizedCrop default
-    "hflip": True,
-    "time_flip": True,
-}
 # Functions given to tf.data hold no Python control flow on tensors: skip AutoGraph's
 # source conversion, which costs seconds of tracing per dataset.
 _plain = tf.autograph.experimental.do_not_convert
-_RRC_ATTEMPTS = 10  # torchvision RandomResizedCrop tries 10 boxes, then falls back
 DEFAULT_SHUFFLE_BUFFER = 10_000
 PAD_LABEL = -1
 _BAD_RECORD_TAG = "evclip_jax bad record"
@@ -94,6 +94,7 @@ def make_dataset(
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     deterministic: bool = True,
     bad_records: BadRecordCounter | None = None,
+    representation: str | None = None,
 ) -> tf.data.Dataset:
     """Per-host batches (dicts of tensors; ``as_numpy_iterator`` gives NumPy) of a split.
 
@@ -105,8 +106,10 @@ def make_dataset(
         False: file order, no augmentation, one pass, the last batch padded to full size with
         "mask" False (labels PAD_LABEL); every host yields the same number of batches.
       seed: drives the order and the augmentations.
-      augment: None (off) or a dict-like with keys of RELEASE_AUGMENT (train only).
-      paired_aug: True: one geometric transform for the event frame and the image of a pair
+      augment: None (off) or a dict-like with keys of ``augment.RELEASE_AUGMENT`` (train
+        only). Event frames are resampled nearest-neighbour, every channel and frame alike;
+        Eq. 1 counts are shifted before the frame is normalised (the release shifts events).
+      paired_aug: True: one geometric transform for the event frames and the image of a pair
         (evclip_jax default, METHOD.md). False: independent draws for each, as the release's
         separate event/image transforms.
       skip_bad_records: False: a bad record or corrupt/truncated shard raises an error naming
@@ -118,11 +121,20 @@ def make_dataset(
       shuffle_buffer: records in the shuffle buffer (train).
       deterministic: keep element order fixed across parallel map/interleave.
       bad_records: counter to add skipped records to (with skip_bad_records).
+      representation: what the caller expects the records to hold
+        (``config.data.representation``); None takes the manifest's. A different one raises
+        ValueError naming the manifest.
     """
     _hide_gpus_from_tf()
     data_dir = os.fspath(data_dir)
     manifest = read_manifest(data_dir, split)
-    where = os.path.join(data_dir, f"{split}.manifest.json")
+    where = manifest_path(data_dir, split)
+    stored = manifest["representation"]
+    if representation is not None and representation != stored:
+        raise ValueError(f"{where}: the records hold the {stored!r} event representation; "
+                         f"config.data.representation={representation!r}. Rebuild the records "
+                         f"with --representation={representation} or set "
+                         f"config.data.representation={stored!r}")
     if manifest["image_size"] != out_size:
         raise ValueError(f"{where}: records are {manifest['image_size']} px; out_size={out_size}")
     emb_dim = manifest.get("teacher_emb_dim") if teacher_emb else None
@@ -132,7 +144,7 @@ def make_dataset(
         raise ValueError(f"start_step={start_step} is only supported with train=True")
     if not train and augment:
         raise ValueError("augment must be None with train=False (evaluation is deterministic)")
-    aug = _check_augment(augment)
+    aug = check_augment(augment)
 
     pindex = jax.process_index() if process_index is None else int(process_index)
     pcount = jax.process_count() if process_count is None else int(process_count)
@@ -172,9 +184,9 @@ def make_dataset(
 
     records = epochs.flat_map(_plain(epoch_records))
 
-    decode = _Decoder(out_size=out_size, emb_dim=emb_dim, has_images=manifest.get(
-        "has_images", True), num_classes=len(manifest["class_names"]), seed=seed,
-        num_examples=num_examples, augment=aug if train else None, paired=paired_aug)
+    decode = _Decoder(manifest, emb_dim=emb_dim, seed=seed,
+                      augment=Augment(aug, out_size) if train and aug else None,
+                      paired=paired_aug)
 
     # Records are decoded in groups of _DECODE_GROUP (see _decode_group: per-record errors are
     # caught, counted and named). block_length > group size keeps the record order whatever
@@ -193,8 +205,8 @@ def make_dataset(
         num_batches = math.ceil(math.ceil(num_examples / pcount) / batch)
         ds = ds.concatenate(tf.data.Dataset.from_tensors(decode.padding()).repeat())
         ds = ds.batch(batch, drop_remainder=True).take(num_batches)
-    ds = ds.map(_plain(_to_tower_inputs), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=deterministic)
+    ds = ds.map(_plain(lambda b: _to_tower_inputs(b, stored)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     options = tf.data.Options()
     options.deterministic = deterministic
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
@@ -346,71 +358,53 @@ def _fold(seed: int, stream: int, value: tf.Tensor) -> tf.Tensor:
 # Decoding, augmentation, normalisation.
 
 
-def _check_augment(augment: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if augment is None or len(augment) == 0:
-        return None
-    unknown = sorted(set(augment.keys()) - set(RELEASE_AUGMENT))
-    if unknown:
-        raise ValueError(f"augment: unknown keys {unknown}; expected a subset of "
-                         f"{sorted(RELEASE_AUGMENT)}")
-    aug = {"shift_px": 0, "crop_scale": None, "crop_ratio": RELEASE_AUGMENT["crop_ratio"],
-           "hflip": False, "time_flip": False}
-    aug.update({k: augment[k] for k in augment.keys()})
-    if aug["crop_scale"] is not None:
-        lo, hi = (float(s) for s in aug["crop_scale"])
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"augment.crop_scale {aug['crop_scale']}: expected 0 < lo <= hi <= 1")
-    return aug
-
-
 class _Decoder:
-    """Record -> example: Eq. 1 frame and gray image [S, S] (augmented in training), label,
-    mask[, teacher_emb], and the record's position in its decode group ("pos")."""
+    """Record -> example: the event frames (augmented in training) and the gray image [S, S]
+    (0..255), label, mask[, teacher_emb], and the record's position in its decode group
+    ("pos"). Whole batches become tower inputs in ``_to_tower_inputs``."""
 
-    def __init__(self, *, out_size: int, emb_dim: int | None, has_images: bool,
-                 num_classes: int, seed: int, num_examples: int,
-                 augment: dict[str, Any] | None, paired: bool) -> None:
-        self.size = out_size
+    def __init__(self, manifest: Mapping[str, Any], *, emb_dim: int | None, seed: int,
+                 augment: Augment | None, paired: bool) -> None:
+        self.size = int(manifest["image_size"])
+        self.representation = manifest["representation"]
+        self.event_shape = list(manifest["event_shape"])
+        # What enters where a shift moves content away: no events (EventBind: its background).
+        self.fill = float(manifest.get("representation_options", {}).get("background", 0.0))
+        self.has_images = manifest.get("has_images", True)
+        self.num_classes = len(manifest["class_names"])
+        self.num_examples = int(manifest["num_examples"])
         self.emb_dim = emb_dim
-        self.has_images = has_images
-        self.num_classes = num_classes
         self.seed = seed
-        self.num_examples = num_examples
         self.augment = augment
         self.paired = paired
 
     def __call__(self, rec: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         parsed = parse_example(rec["serialized"], self.size, self.emb_dim,
-                               has_images=self.has_images, num_classes=self.num_classes)
-        counts = tf.cast(parsed["event_counts"], tf.float32)
+                               has_images=self.has_images, num_classes=self.num_classes,
+                               representation=self.representation,
+                               num_frames=self.event_shape[0])
         image = tf.cast(parsed["image"], tf.float32)
-        if self.augment is None:
-            frame = _counts_to_frame(counts)
+        if self.representation == "evclip":
+            events = tf.cast(parsed["event_counts"], tf.float32)
         else:
+            events = parsed["event_frames"]
+        if self.augment is not None:
             # One seed per (seed, epoch, record): independent of parallelism and host count.
             seed = _fold(self.seed, 3, rec["epoch"] * self.num_examples + rec["index"])
-            frame, image = self._augment_pair(counts, image, seed)
-        out = {
-            # Per example: the Eq. 1 frame and the gray image (0..255), both [S, S];
-            # _to_tower_inputs maps whole batches to the contract's [B, S, S, 3] tensors.
-            "events": frame,
-            "images": image,
-            "labels": parsed["label"],
-            "mask": tf.constant(True),
-        }
+            events, image = self._augment_pair(events, image, seed)
+        elif self.representation == "evclip":
+            events = counts_to_frame_tf(events)
+        out = {"events": events, "images": image, "labels": parsed["label"],
+               "mask": tf.constant(True)}
         if self.emb_dim:
             out["teacher_emb"] = parsed["teacher_emb"]
         out["pos"] = rec["pos"]
         return out
 
     def padding(self) -> dict[str, tf.Tensor]:
-        """An empty example (zero frame, black image) with mask False (eval padding)."""
-        out = {
-            "events": tf.zeros([self.size, self.size]),
-            "images": tf.zeros([self.size, self.size]),
-            "labels": tf.constant(PAD_LABEL, tf.int32),
-            "mask": tf.constant(False),
-        }
+        """An empty example (zero frames, black image) with mask False (eval padding)."""
+        out = {"events": tf.zeros(self.event_shape), "images": tf.zeros([self.size] * 2),
+               "labels": tf.constant(PAD_LABEL, tf.int32), "mask": tf.constant(False)}
         if self.emb_dim:
             out["teacher_emb"] = tf.zeros([self.emb_dim])
         return out
@@ -419,75 +413,33 @@ class _Decoder:
         """Closes a decode group (pos -1)."""
         return {**self.padding(), "pos": tf.constant(-1, tf.int64)}
 
-    def _augment_pair(self, counts: tf.Tensor, image: tf.Tensor,
+    def _augment_pair(self, events: tf.Tensor, image: tf.Tensor,
                       seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Release augmentation: shift, random resized crop, horizontal flip. The event side
-        is shifted as counts (the release shifts events, dropping those that leave the
-        sensor), normalised to the Eq. 1 frame, then cropped with nearest-neighbour sampling;
-        the image is cropped bilinearly. Time flip is a no-op on Eq. 1 frames (they sum
-        over t), so it is not applied."""
+        """Release augmentation of a pair: shift, random resized crop, horizontal flip. Eq. 1
+        counts are shifted (events leaving the sensor are dropped, as the release does), then
+        normalised to the frame; event frames are resampled nearest-neighbour, the image
+        bilinearly."""
+        aug = self.augment
         if self.paired:
-            event_params = image_params = self._draw(seed)
+            event_t = image_t = aug.draw(seed)
         else:  # release: event and image transforms are drawn independently
-            event_params = self._draw(tf.random.experimental.stateless_fold_in(seed, 1))
-            image_params = self._draw(tf.random.experimental.stateless_fold_in(seed, 2))
-        counts = self._shift(counts, event_params["shift"])
-        frame = self._crop_flip(_counts_to_frame(counts), event_params, "nearest")
-        image = self._crop_flip(self._shift(image, image_params["shift"]), image_params,
-                                "bilinear")
-        return frame, image
-
-    def _draw(self, seed: tf.Tensor) -> dict[str, tf.Tensor]:
-        """The geometric parameters of one transform: shift, crop box, flip."""
-        s, aug = self.size, self.augment
-        seeds = tf.random.experimental.stateless_split(seed, 3)
-        margin = int(round(aug["shift_px"] * s / 224))
-        shift = tf.random.stateless_uniform([2], seeds[0], minval=-margin, maxval=margin + 1,
-                                            dtype=tf.int32)
-        if aug["crop_scale"] is None:
-            box = tf.constant([0, 0, s, s], tf.int32)
-        else:
-            box = self._crop_box(seeds[1])
-        flip = tf.random.stateless_uniform([], seeds[2]) < (0.5 if aug["hflip"] else 0.0)
-        return {"shift": shift, "box": box, "flip": flip}
-
-    def _crop_box(self, seed: tf.Tensor) -> tf.Tensor:
-        """torchvision RandomResizedCrop box [top, left, h, w]: up to 10 tries of a random
-        area fraction and log-uniform aspect ratio, else the whole (square) frame."""
-        s, aug = self.size, self.augment
-        lo, hi = (float(v) for v in aug["crop_scale"])
-        rlo, rhi = (math.log(float(v)) for v in aug["crop_ratio"])
-        u = tf.random.stateless_uniform([_RRC_ATTEMPTS, 4], seed, dtype=tf.float32)
-        area = s * s * (lo + (hi - lo) * u[:, 0])
-        ratio = tf.exp(rlo + (rhi - rlo) * u[:, 1])
-        w = tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32)
-        h = tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32)
-        fits = (w > 0) & (h > 0) & (w <= s) & (h <= s)
-        first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
-        h = tf.where(fits[first], h[first], s)
-        w = tf.where(fits[first], w[first], s)
-        top = tf.cast(tf.floor(u[first, 2] * tf.cast(s - h + 1, tf.float32)), tf.int32)
-        left = tf.cast(tf.floor(u[first, 3] * tf.cast(s - w + 1, tf.float32)), tf.int32)
-        return tf.stack([tf.minimum(top, s - h), tf.minimum(left, s - w), h, w])
-
-    def _shift(self, x: tf.Tensor, shift: tf.Tensor) -> tf.Tensor:
-        """Translates [S, S] by (dy, dx) pixels, filling with zeros (content leaving is lost)."""
-        margin = int(round(self.augment["shift_px"] * self.size / 224))
-        if margin == 0:
-            return x
-        padded = tf.pad(x, [[margin, margin], [margin, margin]])
-        return tf.slice(padded, [margin - shift[0], margin - shift[1]], [self.size, self.size])
-
-    def _crop_flip(self, x: tf.Tensor, params: dict[str, tf.Tensor], method: str) -> tf.Tensor:
-        box = params["box"]
-        crop = tf.slice(x, box[:2], box[2:])
-        x = tf.image.resize(crop[..., None], [self.size, self.size], method=method)[..., 0]
-        return tf.cond(params["flip"], lambda: tf.reverse(x, [1]), lambda: x)
+            event_t = aug.draw(tf.random.experimental.stateless_fold_in(seed, 1))
+            image_t = aug.draw(tf.random.experimental.stateless_fold_in(seed, 2))
+        # As stacks [N, S, S, C]: Eq. 1 [1, S, S, 1], EventCLIP [1, S, S, 3], EventBind as is.
+        stack = {"evclip": events[None, :, :, None], "eventclip": events[None],
+                 "eventbind": events}[self.representation]
+        stack = aug.shift(stack, event_t, self.fill)
+        if self.representation == "evclip":
+            stack = counts_to_frame_tf(stack)
+        stack = aug.crop_flip(stack, event_t, "nearest")
+        events = tf.reshape(stack, self.event_shape)
+        image = aug.crop_flip(aug.shift(image[None, :, :, None], image_t), image_t, "bilinear")
+        return events, image[0, :, :, 0]
 
 
 def _decode_group(group: dict[str, tf.Tensor], decode: _Decoder) -> tf.data.Dataset:
-    """Decodes a group of records in order, dropping those whose decoding fails (bad PNG,
-    wrong shape, missing feature) and closing with a marker that reports how many failed and
+    """Decodes a group of records in order, dropping those whose decoding fails (bad PNG or
+    frames, wrong shape, missing feature) and closing with a marker that reports how many failed and
     the shard and global index of the first failure."""
     n = tf.shape(group["index"], out_type=tf.int64)[0]
     records = tf.data.Dataset.from_tensor_slices({**group, "pos": tf.range(n)})
@@ -517,8 +469,8 @@ def _check_group(ex: dict[str, tf.Tensor], skip_bad: bool, counter: tf.Variable)
     bad = ex["bad"]
     if not skip_bad:
         deps = [tf.debugging.Assert(bad == 0, [
-            f"{_BAD_RECORD_TAG}: bad record (undecodable PNG, wrong shape or missing feature) "
-            "at global index",
+            f"{_BAD_RECORD_TAG}: bad record (undecodable PNG or frames, wrong shape or missing "
+            "feature) at global index",
             ex["bad_index"], "in TFRecord shard", ex["bad_shard"],
             "(pass skip_bad_records=True to skip bad records)"])]
     else:
@@ -530,21 +482,17 @@ def _check_group(ex: dict[str, tf.Tensor], skip_bad: bool, counter: tf.Variable)
         return ex["pos"] >= 0
 
 
-def _counts_to_frame(counts: tf.Tensor) -> tf.Tensor:
-    """Eq. 1 normalisation E / (max E + 1) of float counts."""
-    return counts / (tf.reduce_max(counts) + 1.0)
-
-
-def _to_tower_inputs(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """Frames [B, S, S] -> events [B, S, S, 3] = (E - 0.5) * 2 replicated, no CLIP mean/std
-    (as the release; NumPy twin: evclip_jax.events.frames.frame_to_tower_input). Gray images
-    [B, S, S] in 0..255 -> replicated, / 255, CLIP mean/std, folded into one scale and bias
-    per channel. Done per batch: fewer, larger ops than per example."""
-    frames = (batch["events"] - 0.5) * 2.0
-    scale = 1.0 / (255.0 * np.array(CLIP_STD, np.float32))
-    bias = -np.array(CLIP_MEAN, np.float32) / np.array(CLIP_STD, np.float32)
-    return {
-        **batch,
-        "events": tf.broadcast_to(frames[..., None], frames.shape.concatenate([3])),
-        "images": batch["images"][..., None] * scale + bias,
-    }
+def _to_tower_inputs(batch: dict[str, tf.Tensor], representation: str) -> dict[str, tf.Tensor]:
+    """Per-example frames and gray images -> the batch contract (module docstring); tf twins
+    of ``embed.events_to_tower_input`` and ``embed.images_to_tower_input``. Done per batch:
+    fewer, larger ops than per example."""
+    mean, std = np.array(embed.CLIP_MEAN, np.float32), np.array(embed.CLIP_STD, np.float32)
+    if representation == "evclip":
+        # [B, S, S] Eq. 1 frames -> (E - 0.5) * 2 replicated to 3 channels, no CLIP mean/std.
+        scaled = (batch["events"] - 0.5) * 2.0
+        events = tf.broadcast_to(scaled[..., None], scaled.shape.concatenate([3]))
+    else:
+        events = (batch["events"] - mean) / std
+    # Gray 0..255 -> / 255, CLIP mean/std, folded into one scale and bias per channel.
+    images = batch["images"][..., None] * (1.0 / (255.0 * std)) - mean / std
+    return {**batch, "events": events, "images": images}

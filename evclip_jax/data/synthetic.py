@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image
 
-from evclip_jax.data.tfrecords import PairedItem, manifest_path, write_tfrecords
+from evclip_jax.data.records import PairedItem, event_shape, manifest_path, write_tfrecords
 from evclip_jax.events.io import write_events
 from evclip_jax.events.synthesis import AffineMotion, image_to_events
 
@@ -173,6 +173,8 @@ def make_synthetic_dataset(
     num_shards: int = 1,
     num_steps: int = 10,
     duration_us: int = 100_000,
+    representation: str = "evclip",
+    num_frames: int = 3,
     progress: bool = False,
 ) -> dict[str, dict]:
     """Build the synthetic paired dataset in ``out_dir`` and return ``{split: manifest}``.
@@ -192,6 +194,8 @@ def make_synthetic_dataset(
         sensor up to 256x256), "aedat2" (up to 128x128) or "h5".
       num_shards: TFRecord shards per split.
       num_steps, duration_us: motion steps and length passed to :func:`image_to_events`.
+      representation, num_frames: the event representation the records store ("evclip",
+        "eventclip" or "eventbind" with ``num_frames`` frames), see :func:`write_tfrecords`.
       progress: show the TFRecord writer's progress bar.
     """
     if not 1 <= num_classes <= len(SYNTHETIC_CLASS_NAMES):
@@ -201,6 +205,7 @@ def make_synthetic_dataset(
         raise ValueError(f"per_class: expected a positive integer, got {per_class}")
     if image_size < 2:
         raise ValueError(f"image_size: expected at least 2, got {image_size}")
+    event_shape(representation, image_size, num_frames)  # names an unknown representation
     if event_format not in _EVENT_EXTENSIONS:
         raise ValueError(f"event_format: expected one of {sorted(_EVENT_EXTENSIONS)}, "
                          f"got {event_format!r}")
@@ -240,7 +245,8 @@ def make_synthetic_dataset(
 
         manifest = write_tfrecords(items, out_dir, class_names=class_names, out_size=image_size,
                                    sensor_size=sensor, num_shards=num_shards, split=split,
-                                   seed=seed, progress=progress)
+                                   seed=seed, representation=representation,
+                                   num_frames=num_frames, progress=progress)
         manifest = dict(manifest)
         manifest["prompt_template"] = PROMPT_TEMPLATE
         manifest["synthetic"] = {

@@ -1,9 +1,9 @@
 """Evaluators (zero-shot, few-shot, retrieval, anomaly detection) and their metrics.
 
 Each evaluator takes a jitted-or-not embed function `embed_fn(x [B, ...]) -> [B, D]` and an
-iterable of batch dicts (contracts: "events"/"images", "labels", "mask"); the trainer only
-schedules them. The report writer lives in `evclip_jax.evaluate.report` (imports matplotlib),
-which is not imported here.
+iterable of batch dicts (the pipeline's batch contract, evclip_jax/data/pipeline.py:
+"events"/"images", "labels", "mask"); `runner` only schedules them. The report writer lives in
+`evclip_jax.evaluate.report` (imports matplotlib), which is not imported here.
 """
 
 from evclip_jax.evaluate.anomaly import anomaly_scores, evaluate_anomaly, roc_auc
@@ -32,9 +32,7 @@ from evclip_jax.evaluate.retrieval import (
 )
 from evclip_jax.evaluate.zeroshot import (
     DATASET_TEMPLATES,
-    class_text_embeddings,
     evaluate_zeroshot,
-    heldout_split,
     top_k_accuracy,
     zeroshot_metrics,
 )
@@ -44,7 +42,6 @@ __all__ = [
     "FewShotSplit",
     "anomaly_scores",
     "batches_from_arrays",
-    "class_text_embeddings",
     "collect_labels",
     "cross_modal_retrieval",
     "data_mesh",
@@ -56,7 +53,6 @@ __all__ = [
     "evaluate_zeroshot",
     "fewshot_metrics",
     "fewshot_splits",
-    "heldout_split",
     "knn_translate",
     "recall_curve",
     "retrieval_metrics",

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from evclip_jax.evaluate.common import EmbedFn, check_embeddings, embed_dataset, l2_normalize
+from evclip_jax.embed import l2_normalize_f64 as l2_normalize
+from evclip_jax.evaluate.common import EmbedFn, check_embeddings, embed_dataset
 
 # s = exp(logit_scale); CLIP clamps s at 100 (log 4.6). A value this large is almost
 # certainly s itself passed by mistake.

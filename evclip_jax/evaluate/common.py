@@ -17,9 +17,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from evclip_jax.sharding import BATCH_AXES as TRAINER_BATCH_AXES
+
 BATCH_AXIS = "batch"
-# Batch axes of the trainer's (data, fsdp, tensor) mesh (evclip_jax.sharding.BATCH_AXES).
-TRAINER_BATCH_AXES = ("data", "fsdp")
 
 # embed_fn(x [B, ...]) -> [B, D], or embed_fn(params, x) when params are passed separately.
 EmbedFn = Callable[..., jax.Array]
@@ -87,10 +87,10 @@ def batches_from_arrays(
         arrays["mask"] = np.ones((n,), dtype=bool)
     for start in range(0, n, batch_size):
         batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
-        yield _pad_batch(batch, batch_size)
+        yield pad_batch(batch, batch_size)
 
 
-def _pad_batch(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+def pad_batch(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """Zero-pad every array of `batch` along axis 0 to `size` rows; padding is masked out."""
     out = {}
     for key, value in batch.items():
@@ -106,9 +106,10 @@ def _pad_batch(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarr
     return out
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    """Fetch a (possibly multi-process) global array to host NumPy, in global order."""
-    if x.is_fully_addressable:
+def to_host(x) -> np.ndarray:
+    """Host NumPy of a (possibly multi-process) global array, in global order, or of host
+    data."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
@@ -191,7 +192,7 @@ def embed_batches(
                     f"batch {index} is a partial multi-process global array ({rows} rows); "
                     "pad it to the global batch size with a 'mask' in the input pipeline"
                 )
-            fields = _pad_batch({k: np.asarray(v) for k, v in fields.items()}, global_rows)
+            fields = pad_batch({k: np.asarray(v) for k, v in fields.items()}, global_rows)
         placed = {k: _to_global(v, sharding) for k, v in fields.items()}
         results = {key: fn(*((params[key], placed[key]) if key in params else (placed[key],)))
                    for key, fn in jitted.items()}
@@ -215,10 +216,10 @@ def embed_batches(
 def _collect(pending: tuple, outputs: dict, labels_out: list) -> int:
     """Fetch one batch's mask, labels and embeddings to host; keep unmasked rows."""
     mask_array, label_array, results = pending
-    mask = _to_host(mask_array).astype(bool)
-    labels_out.append(_to_host(label_array)[mask])
+    mask = to_host(mask_array).astype(bool)
+    labels_out.append(to_host(label_array)[mask])
     for key, result in results.items():
-        emb = _to_host(result)
+        emb = to_host(result)
         if emb.shape[0] != mask.shape[0]:
             raise ValueError(
                 f"embed function for {key!r} returned {emb.shape[0]} rows for a batch of "
@@ -256,24 +257,13 @@ def collect_labels(
     for index, batch in enumerate(batches):
         if label_key not in batch:
             raise ValueError(f"batch {index} has no field {label_key!r}; fields: {sorted(batch)}")
-        labels = _to_host_any(batch[label_key])
-        mask = (_to_host_any(batch["mask"]).astype(bool) if "mask" in batch
+        labels = to_host(batch[label_key])
+        mask = (to_host(batch["mask"]).astype(bool) if "mask" in batch
                 else np.ones(labels.shape[0], dtype=bool))
         out.append(labels[mask])
     if not out:
         raise ValueError("collect_labels: the batch iterable was empty")
     return np.concatenate(out).astype(np.int64, copy=False)
-
-
-def _to_host_any(x) -> np.ndarray:
-    return _to_host(x) if isinstance(x, jax.Array) else np.asarray(x)
-
-
-def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """float64 unit vectors along `axis`; an all-zero vector stays zero (similarity 0)."""
-    x = np.asarray(x, dtype=np.float64)
-    norm = np.linalg.norm(x, axis=axis, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
 
 
 def check_embeddings(name: str, emb, dim: int | None = None) -> np.ndarray:

@@ -16,13 +16,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from evclip_jax.embed import l2_normalize_f64 as l2_normalize
 from evclip_jax.evaluate.common import (
     EmbedFn,
     check_embeddings,
     check_labels,
     collect_labels,
     embed_dataset,
-    l2_normalize,
 )
 
 Batches = Iterable[Mapping[str, object]]

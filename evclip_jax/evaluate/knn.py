@@ -10,7 +10,8 @@ from typing import Literal
 
 import numpy as np
 
-from evclip_jax.evaluate.common import check_embeddings, l2_normalize
+from evclip_jax.embed import l2_normalize_f64 as l2_normalize
+from evclip_jax.evaluate.common import check_embeddings
 
 _CHUNK_ELEMENTS = 1 << 24
 

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
+from evclip_jax.embed import l2_normalize_f64 as l2_normalize
 from evclip_jax.evaluate.common import (
     EmbedFn,
     check_embeddings,
     check_labels,
     embed_batches,
-    l2_normalize,
 )
 
 MAP_KS = (1, 5)  # METHOD.md / paper Table 4 report mAP@1 and mAP@5.
@@ -141,6 +141,29 @@ def recall_curve(
 DIRECTIONS = ("event_to_image", "image_to_event", "event_to_text", "text_to_event")
 
 
+def _directions(event_emb, event_labels, image_emb, image_labels, text_emb, text_labels,
+                text_query_classes) -> list[tuple[str, tuple, tuple]]:
+    """(direction, (query emb, labels), (key emb, labels)) of every direction with inputs."""
+    out = []
+    if image_emb is not None:
+        images = (image_emb, event_labels if image_labels is None else image_labels)
+        events = (event_emb, event_labels)
+        out += [("event_to_image", events, images), ("image_to_event", images, events)]
+    if text_emb is not None:
+        text_emb = np.asarray(text_emb)
+        text_labels = np.arange(text_emb.shape[0]) if text_labels is None else text_labels
+        text_labels = np.asarray(text_labels)
+        queries = (text_emb, text_labels)
+        if text_query_classes is not None:
+            rows = np.isin(text_labels, text_query_classes)
+            queries = (text_emb[rows], text_labels[rows])
+        out += [("event_to_text", (event_emb, event_labels), (text_emb, text_labels)),
+                ("text_to_event", queries, (event_emb, event_labels))]
+    if not out:
+        raise ValueError("cross_modal_retrieval: pass image_emb and/or text_emb")
+    return out
+
+
 def cross_modal_retrieval(
     event_emb: np.ndarray,
     event_labels: np.ndarray,
@@ -149,31 +172,27 @@ def cross_modal_retrieval(
     text_emb: np.ndarray | None = None,
     text_labels: np.ndarray | None = None,
     ks: Sequence[int] = (1, 5, 10),
-) -> dict[str, dict[str, float]]:
+    text_query_classes: Sequence[int] | None = None,
+    curve_max_k: int = 0,
+) -> dict[str, dict[str, float]] | tuple[dict[str, dict[str, float]], dict[str, dict]]:
     """Retrieval metrics for event->image, image->event, event->text and text->event.
 
     Image directions need `image_emb` (labels default to `event_labels`, i.e. the paired
     images of the same eval set); text directions need `text_emb`, one row per class prompt
-    (labels default to 0..M-1). Returns {direction: retrieval_metrics(...)}.
+    (labels default to 0..M-1); text queries can be limited to `text_query_classes` (so every
+    query has relevant events). Returns {direction: retrieval_metrics(...)}; with
+    `curve_max_k` > 0 also {direction: {"ks", "recall"}} recall@K curves for the report.
     """
-    out: dict[str, dict[str, float]] = {}
-    if image_emb is not None:
-        image_labels = event_labels if image_labels is None else image_labels
-        out["event_to_image"] = retrieval_metrics(
-            event_emb, event_labels, image_emb, image_labels, ks)
-        out["image_to_event"] = retrieval_metrics(
-            image_emb, image_labels, event_emb, event_labels, ks)
-    if text_emb is not None:
-        text_emb = np.asarray(text_emb)
-        if text_labels is None:
-            text_labels = np.arange(text_emb.shape[0])
-        out["event_to_text"] = retrieval_metrics(
-            event_emb, event_labels, text_emb, text_labels, ks)
-        out["text_to_event"] = retrieval_metrics(
-            text_emb, text_labels, event_emb, event_labels, ks)
-    if not out:
-        raise ValueError("cross_modal_retrieval: pass image_emb and/or text_emb")
-    return out
+    directions = _directions(event_emb, event_labels, image_emb, image_labels, text_emb,
+                             text_labels, text_query_classes)
+    metrics = {name: retrieval_metrics(*q, *k, ks) for name, q, k in directions}
+    if curve_max_k <= 0:
+        return metrics
+    curves = {}
+    for name, q, k in directions:
+        ks_curve, recall = recall_curve(*q, *k, max_k=curve_max_k)
+        curves[name] = {"ks": ks_curve, "recall": recall}
+    return metrics, curves
 
 
 def evaluate_retrieval(
@@ -201,19 +220,9 @@ def evaluate_retrieval(
     params = {key: p for key, p in (("events", event_params), ("images", image_params))
               if p is not None and key in fns}
     embeddings, labels = embed_batches(fns, batches, mesh, params=params)
-    per_direction = cross_modal_retrieval(
-        embeddings["events"], labels, embeddings.get("images"), None, class_text_emb, None, ks)
+    per_direction, curves = cross_modal_retrieval(
+        embeddings["events"], labels, embeddings.get("images"), None, class_text_emb, None, ks,
+        curve_max_k=curve_max_k)
     metrics = {f"{d}/{name}": value
                for d, values in per_direction.items() for name, value in values.items()}
-    if not return_details:
-        return metrics
-    text_labels = None if class_text_emb is None else np.arange(np.shape(class_text_emb)[0])
-    sides = {"event": (embeddings["events"], labels),
-             "image": (embeddings.get("images"), labels),
-             "text": (class_text_emb, text_labels)}
-    curves = {}
-    for direction in per_direction:
-        query, key = direction.split("_to_")
-        ks_curve, recall = recall_curve(*sides[query], *sides[key], max_k=curve_max_k)
-        curves[direction] = {"ks": ks_curve, "recall": recall}
-    return metrics, curves
+    return (metrics, curves) if return_details else metrics

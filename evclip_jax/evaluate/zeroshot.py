@@ -12,18 +12,18 @@ id first), the same stable rule as `retrieval`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 from jax.sharding import Mesh
 
+from evclip_jax.embed import l2_normalize_f64 as l2_normalize
 from evclip_jax.evaluate.common import (
     EmbedFn,
     check_embeddings,
     check_labels,
     embed_dataset,
-    l2_normalize,
 )
 from evclip_jax.evaluate.knn import knn_translate
 
@@ -33,63 +33,7 @@ DATASET_TEMPLATES = {
     "nmnist": ("The digit {label}",),
 }
 
-NIMAGENET_MINI_NUM_CLASSES = 100
-NIMAGENET_MINI_HELDOUT = tuple(range(80, 100))
-
 RankAgainst = Literal["all", "heldout"]
-
-
-def class_text_embeddings(
-    encode_text_fn: Callable[[list[str]], np.ndarray],
-    class_names: Sequence[str | Sequence[str]],
-    templates: str | Sequence[str] = ("a photo of a {label}",),
-) -> np.ndarray:
-    """float32 [M, D] class embeddings from prompt templates (computed once per class set).
-
-    `encode_text_fn(list of prompts) -> [n, D]` is the frozen text tower. Each template must
-    contain "{label}"; a class name may be a list of synonyms. Every prompt embedding is
-    L2-normalised, averaged over the class's templates x synonyms, then renormalised.
-    """
-    templates = (templates,) if isinstance(templates, str) else tuple(templates)
-    if not templates:
-        raise ValueError("class_text_embeddings: expected at least one template")
-    for template in templates:
-        if "{label}" not in template:
-            raise ValueError(f"template {template!r} has no '{{label}}' placeholder")
-    if len(class_names) == 0:
-        raise ValueError("class_text_embeddings: expected at least one class name")
-    prompts, owner = [], []
-    for index, names in enumerate(class_names):
-        names = (names,) if isinstance(names, str) else tuple(names)
-        if not names:
-            raise ValueError(f"class_names[{index}] is empty")
-        for name in names:
-            for template in templates:
-                # replace, not str.format: class names may contain braces.
-                prompts.append(template.replace("{label}", name))
-                owner.append(index)
-    emb = np.asarray(encode_text_fn(prompts))
-    if emb.ndim != 2 or emb.shape[0] != len(prompts):
-        raise ValueError(
-            f"encode_text_fn returned shape {emb.shape} for {len(prompts)} prompts; "
-            "expected [num_prompts, D]")
-    emb = l2_normalize(emb)
-    owner = np.asarray(owner)
-    summed = np.zeros((len(class_names), emb.shape[1]))
-    np.add.at(summed, owner, emb)
-    return l2_normalize(summed / np.bincount(owner)[:, None]).astype(np.float32)
-
-
-def heldout_split(
-    num_classes: int = NIMAGENET_MINI_NUM_CLASSES,
-    heldout: Iterable[int] = NIMAGENET_MINI_HELDOUT,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(seen class ids, held-out class ids), both sorted; default N-ImageNet mini 0-79 / 80-99."""
-    heldout = np.unique(np.asarray(list(heldout), dtype=np.int64))
-    if heldout.size == 0 or heldout.min() < 0 or heldout.max() >= num_classes:
-        raise ValueError(f"heldout: expected class ids in [0, {num_classes}), got {heldout}")
-    seen = np.setdiff1d(np.arange(num_classes), heldout)
-    return seen, heldout
 
 
 def top_k_accuracy(

@@ -1,6 +1,6 @@
 """Event streams: file I/O and event-to-frame representations."""
 
-from evclip_jax.events.frames import event_counts, event_frame, frame_to_tower_input
+from evclip_jax.events.frames import event_counts, event_frame
 from evclip_jax.events.io import EVENT_DTYPE, EventFileError, read_events, write_events
 
 __all__ = [
@@ -8,7 +8,6 @@ __all__ = [
     "EventFileError",
     "event_counts",
     "event_frame",
-    "frame_to_tower_input",
     "read_events",
     "write_events",
 ]

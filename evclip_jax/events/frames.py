@@ -4,7 +4,9 @@ Eq. 1 (Jeong et al., METHOD.md "Event frame"): counts E(x, y) of the events in a
 summed over t and p, with coordinates scaled from the sensor to the output size *before*
 counting (xo = floor(x * out_w / W), yo = floor(y * out_h / H)), optionally clamped, then
 E / (max E + 1), a float32 frame in [0, 1). Two alternative representations from related
-work (EventCLIP, EventBind/E-CLIP) are selectable by name through ``REPRESENTATIONS``.
+work (EventCLIP, EventBind/E-CLIP) are selectable by name through ``REPRESENTATIONS``, whose
+names are ``evclip_jax.embed.REPRESENTATIONS``; ``embed.events_to_tower_input`` maps each to
+the event tower's input.
 
 This module imports without TensorFlow; the ``*_tf`` functions import it when called.
 """
@@ -169,18 +171,6 @@ def event_frame(
     return counts_to_frame(_counts(ev, sensor_size, out_size, clamp))
 
 
-def frame_to_tower_input(frame: np.ndarray) -> np.ndarray:
-    """Event frame(s) [..., H, W] in [0, 1) -> event-tower input [..., H, W, 3] in [-1, 1].
-
-    As in the released code: (E - 0.5) * 2 replicated to 3 channels, with NO CLIP mean/std.
-    """
-    frame = np.asarray(frame, dtype=np.float32)
-    if frame.ndim < 2:
-        raise ValueError(f"frame must be [..., H, W]; got shape {frame.shape}")
-    scaled = (frame - np.float32(0.5)) * np.float32(2.0)
-    return np.repeat(scaled[..., None], 3, axis=-1)
-
-
 # --------------------------------------------------------------------------------------------
 # Windows.
 
@@ -263,11 +253,15 @@ def event_frame_tf(
     x: Any, y: Any, sensor_size: Size, out_size: Size, clamp: int | None = None
 ) -> Any:
     """TensorFlow ``event_frame`` (Eq. 1) on coordinate tensors: float32 [out, out] in [0, 1)."""
+    return counts_to_frame_tf(_counts_tf(x, y, sensor_size, out_size, clamp))
+
+
+def counts_to_frame_tf(counts: Any) -> Any:
+    """TensorFlow ``counts_to_frame``: counts (any numeric dtype) / (max + 1), float32."""
     import tensorflow as tf
 
-    counts = _counts_tf(x, y, sensor_size, out_size, clamp)
-    denom = tf.cast(tf.reduce_max(counts) + 1, tf.float32)
-    return tf.cast(counts, tf.float32) / denom
+    counts = tf.cast(counts, tf.float32)  # exact for counts below 2**24
+    return counts / (tf.reduce_max(counts) + 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,7 +366,7 @@ class _Registry(dict):
 
 
 REPRESENTATIONS: dict[str, Callable[..., np.ndarray]] = _Registry(
-    eq1=event_frame,  # paper Eq. 1, [out, out]
+    evclip=event_frame,  # paper Eq. 1, [out, out]
     eventclip=eventclip_frame,  # EventCLIP polarity histogram, [out, out, 3]
     eventbind=eventbind_frames,  # EventBind / E-CLIP temporal colour frames, [n, out, out, 3]
 )

@@ -1,0 +1,493 @@
+"""Paired event/image TFRecords: the record format, its writer and parser, and the manifest.
+
+One record holds one (event window, image) pair already reduced to what training reads, so
+the input pipeline decodes a few small buffers per example instead of a whole event file.
+Record features (one ``tf.train.Example``; S = ``image_size``, T = ``num_frames``):
+
+* ``event_counts`` (``evclip`` records): 16-bit gray PNG, uint16 [S, S], the Eq. 1 counts of
+  the event window, clamped by ``clamp``; the frame is ``frames.counts_to_frame(counts)``.
+* ``event_frames`` (``eventclip``, ``eventbind`` records): the representation itself, zlib-
+  compressed little-endian float32 in C order: ``frames.eventclip_frame`` [S, S, 3] or
+  ``frames.eventbind_frames`` [T, S, S, 3] (T fixed-count windows), in [0, 1]. float32, as
+  float16 would round the EventCLIP ratios k / max (1/3, ...); zeros compress well.
+* ``image`` (when the items have images): 8-bit gray PNG, uint8 [S, S], the paired image in
+  CLIP preprocessing (``load_gray_image``).
+* ``label`` int64: index into ``class_names``; ``key`` bytes: the event file's path (UTF-8);
+  optional ``teacher_emb`` float32 [D] and ``caption`` bytes (raw UTF-8 text).
+
+Event window: the whole file if ``window_k`` is None; on training splits (``train*``,
+``pretrain*``) a ``random_window`` of ``window_k`` events drawn from ``default_rng([seed,
+item index])``, else ``eval_window(n, window_k, seed)``. Fixed at write time.
+
+Shards ``<out_dir>/<split>-0000k-of-0000N.tfrecord`` hold contiguous blocks of the items
+(shuffled by ``default_rng([seed, 1])`` on training splits); ``<split>.manifest.json`` is
+written last, so its presence means the shards are complete. Manifest keys:
+
+* ``format_version`` 2, ``split``, ``num_examples``, ``shards`` [names relative to the
+  manifest's folder], ``shard_num_examples`` [int], ``shuffled`` bool;
+* ``class_names`` [str], ``num_classes``, ``class_counts`` [records per class];
+* ``image_size`` S, ``image_shape`` [S, S], ``has_images``, ``has_captions``,
+  ``teacher_emb_dim`` (int or null);
+* ``representation``: one of ``evclip_jax.embed.REPRESENTATIONS``; ``event_shape``: one
+  example's representation, evclip [S, S], eventclip [S, S, 3], eventbind [T, S, S, 3];
+  ``event_feature`` ("event_counts" / "event_frames"); ``representation_options`` (the
+  ``frames`` function's keyword options); evclip also ``event_counts_shape`` [S, S];
+* ``window`` (the rule in words), ``window_k``, ``sensor_size`` [H, W] (null: each file's
+  max coordinate + 1), ``clamp``, ``seed``.
+
+``read_manifest`` reads format-1 manifests (Eq. 1 counts only) as ``evclip``. This module
+imports without TensorFlow; the writer and ``parse_example`` import it when called.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from evclip_jax.events import frames
+from evclip_jax.events.io import read_events
+
+FORMAT_VERSION = 2
+TRAIN_SPLIT_PREFIXES = ("train", "pretrain")
+# Options given to the representation functions of evclip_jax.events.frames. EventBind uses
+# fixed-count windows (METHOD.md "Related systems"); 1.0 is its white background.
+REPRESENTATION_OPTIONS = {"evclip": {}, "eventclip": {},
+                          "eventbind": {"split": "count", "background": 1.0}}
+
+_REQUIRED_MANIFEST_KEYS = ("num_examples", "shards", "shard_num_examples", "class_names",
+                           "image_size", "split")
+
+
+@dataclass
+class PairedItem:
+    """One event file and its paired image (None for event-only evaluation sets)."""
+
+    event_path: str  # any format read_events reads
+    image_path: str | None  # any image PIL reads (RGB or gray); None -> no image
+    label: int
+    caption: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Paths (local or any filesystem tf.io.gfile knows, e.g. gs://).
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _open(path: str, mode: str) -> Any:
+    if not _is_url(path):
+        return open(path, mode)
+    import tensorflow as tf
+
+    return tf.io.gfile.GFile(path, mode)
+
+
+def _exists(path: str) -> bool:
+    if not _is_url(path):
+        return os.path.exists(path)
+    import tensorflow as tf
+
+    return tf.io.gfile.exists(path)
+
+
+def manifest_path(data_dir: str | os.PathLike, split: str) -> str:
+    """``<data_dir>/<split>.manifest.json``."""
+    return os.path.join(os.fspath(data_dir), f"{split}.manifest.json")
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    """``<split>-0000k-of-0000N.tfrecord``."""
+    return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def is_train_split(split: str) -> bool:
+    """Training splits (``train*``, ``pretrain*``) store a seeded random window per item and
+    are shuffled at write time; other splits store ``eval_window`` and keep item order."""
+    return split.startswith(TRAIN_SPLIT_PREFIXES)
+
+
+def event_shape(representation: str, out_size: int, num_frames: int = 3) -> list[int]:
+    """One example's event representation: evclip [S, S], eventclip [S, S, 3], eventbind
+    [T, S, S, 3] (T = ``num_frames`` >= 1). ValueError on an unknown name."""
+    frames.get_representation(representation)  # ValueError listing the names if unknown
+    if representation == "eventbind" and int(num_frames) < 1:
+        raise ValueError(f"num_frames must be >= 1 for eventbind; got {num_frames}")
+    return {"evclip": [out_size] * 2, "eventclip": [out_size, out_size, 3],
+            "eventbind": [int(num_frames), out_size, out_size, 3]}[representation]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-item conversion.
+
+
+def load_gray_image(path: str, out_size: int) -> np.ndarray:
+    """CLIP preprocessing of a paired image in grayscale: uint8 [out_size, out_size].
+
+    PIL "L" luma (ITU-R 601: 0.299 R + 0.587 G + 0.114 B), bicubic resize of the shorter side to
+    ``out_size`` (longer side int(out_size * long / short), as torchvision's Resize), then a
+    centre crop with torchvision's rounding. Raises ValueError naming the path if PIL fails.
+    """
+    from PIL import Image
+
+    try:
+        with _open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+        img = img.convert("L")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot read the image ({e})") from e
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = out_size, int(out_size * h / w)
+    else:
+        new_w, new_h = int(out_size * w / h), out_size
+    img = img.resize((new_w, new_h), Image.BICUBIC)
+    top = int(round((new_h - out_size) / 2.0))
+    left = int(round((new_w - out_size) / 2.0))
+    img = img.crop((left, top, left + out_size, top + out_size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of a 2-D uint8 (8-bit gray) or uint16 (16-bit gray) array."""
+    from PIL import Image
+
+    if array.ndim != 2 or array.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"encode_png expects a 2-D uint8/uint16 array; got {array.dtype} "
+                         f"{array.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_frames(array: np.ndarray) -> bytes:
+    """The ``event_frames`` encoding: zlib-compressed little-endian float32, C order."""
+    return zlib.compress(np.ascontiguousarray(array, dtype="<f4").tobytes())
+
+
+def item_events(item: PairedItem, index: int, *, split: str, out_size: int,
+                sensor_size: tuple[int, int] | None, clamp: int | None = None,
+                window_k: int | None, seed: int, representation: str = "evclip",
+                num_frames: int = 3) -> np.ndarray:
+    """What the record of ``items[index]`` stores (window: module docstring): ``evclip`` the
+    clamped Eq. 1 counts (uint16 [S, S]), ``eventclip`` / ``eventbind`` the float32 frames.
+    ``sensor_size`` None means max coord + 1 of the file (N-Caltech101's rule)."""
+    ev = read_events(item.event_path)
+    sensor = sensor_size
+    if sensor is None:
+        sensor = (int(ev["y"].max()) + 1, int(ev["x"].max()) + 1)
+    window = None
+    if window_k is not None:
+        if is_train_split(split):
+            window = frames.random_window(len(ev), window_k,
+                                          np.random.default_rng([seed, index]))
+        else:
+            window = frames.eval_window(len(ev), window_k, seed)
+    if representation == "evclip":
+        return frames.event_counts(ev, sensor, out_size, clamp=clamp, window=window)
+    return frames.get_representation(representation)(
+        ev, sensor, out_size, window=window, **representation_options(representation, num_frames))
+
+
+def item_counts(item: PairedItem, index: int, *, split: str, out_size: int,
+                sensor_size: tuple[int, int] | None, clamp: int | None, window_k: int | None,
+                seed: int) -> np.ndarray:
+    """The Eq. 1 counts (uint16 [S, S]) an ``evclip`` record stores for ``items[index]``."""
+    return item_events(item, index, split=split, out_size=out_size, sensor_size=sensor_size,
+                       clamp=clamp, window_k=window_k, seed=seed)
+
+
+def representation_options(representation: str, num_frames: int = 3) -> dict[str, Any]:
+    """Keyword options the records give the representation's ``frames`` function."""
+    options = dict(REPRESENTATION_OPTIONS[representation])
+    if representation == "eventbind":
+        options["num_bins"] = int(num_frames)
+    return options
+
+
+# --------------------------------------------------------------------------------------------
+# Writer.
+
+
+def _check_items(items: Sequence[PairedItem], class_names: Sequence[str],
+                 teacher_emb: np.ndarray | None) -> bool:
+    """Validates labels, image presence and teacher embeddings; returns has_images."""
+    if not items:
+        raise ValueError("write_tfrecords: items is empty; expected at least one PairedItem")
+    for item in items:
+        if not 0 <= int(item.label) < len(class_names):
+            raise ValueError(f"{item.event_path}: label {item.label} outside "
+                             f"[0, {len(class_names)}) (len(class_names))")
+    with_image = [item.image_path is not None for item in items]
+    if any(with_image) and not all(with_image):
+        missing = items[with_image.index(False)].event_path
+        raise ValueError(f"{missing}: image_path is None while other items have images; "
+                         "expected all items with images or none")
+    if teacher_emb is not None:
+        teacher_emb = np.asarray(teacher_emb)
+        if teacher_emb.ndim != 2 or teacher_emb.shape[0] != len(items):
+            raise ValueError(f"teacher_emb has shape {teacher_emb.shape}; expected "
+                             f"[{len(items)}, D] (one row per item)")
+    return all(with_image)
+
+
+def write_tfrecords(
+    items: list[PairedItem],
+    out_dir: str | os.PathLike,
+    *,
+    class_names: list[str],
+    out_size: int,
+    sensor_size: tuple[int, int] | None = None,
+    clamp: int | None = None,
+    window_k: int | None = None,
+    num_shards: int = 1,
+    split: str = "train",
+    seed: int = 0,
+    teacher_emb: np.ndarray | None = None,
+    representation: str = "evclip",
+    num_frames: int = 3,
+    progress: bool = True,
+) -> dict:
+    """Writes paired TFRecord shards and ``<out_dir>/<split>.manifest.json``; returns the manifest.
+
+    Per item (module docstring): the event window as ``representation`` at ``out_size``
+    (``item_events``; ``num_frames`` frames for eventbind; ``clamp`` is Eq. 1's, so None for
+    the others) and the grayscale CLIP-preprocessed image (``load_gray_image``). Training
+    splits are shuffled (seeded) before sharding so that every shard, and every host's block
+    of records, mixes classes. ``teacher_emb`` rows follow ``items``; ``num_shards`` is capped
+    at ``len(items)``. Errors name the offending file.
+    """
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    out_dir = os.fspath(out_dir)
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1; got {num_shards}")
+    if out_size < 1:
+        raise ValueError(f"out_size must be positive; got {out_size}")
+    shape = event_shape(representation, out_size, num_frames)
+    if representation != "evclip" and clamp is not None:
+        raise ValueError(f"clamp={clamp}: the count clamp is Eq. 1's (representation "
+                         f"'evclip'); expected None for representation {representation!r}")
+    has_images = _check_items(items, class_names, teacher_emb)
+    num_shards = min(num_shards, len(items))
+    order = np.arange(len(items))
+    if is_train_split(split):
+        order = np.random.default_rng([seed, 1]).permutation(len(items))
+    bounds = [(k * len(items)) // num_shards for k in range(num_shards + 1)]
+    settings = {"split": split, "out_size": out_size, "sensor_size": sensor_size,
+                "clamp": clamp, "window_k": window_k, "seed": seed,
+                "representation": representation, "num_frames": num_frames}
+
+    if not _is_url(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+    shards, shard_counts = [], []
+    class_counts = [0] * len(class_names)
+    with tqdm(total=len(items), desc=f"{split} records", disable=not progress) as bar:
+        for k in range(num_shards):
+            name = shard_name(split, k, num_shards)
+            with tf.io.TFRecordWriter(os.path.join(out_dir, name)) as writer:
+                for index in order[bounds[k]:bounds[k + 1]]:
+                    item = items[index]
+                    writer.write(_example(
+                        tf, item, int(index), settings,
+                        teacher_row=None if teacher_emb is None else teacher_emb[index]))
+                    class_counts[int(item.label)] += 1
+                    bar.update(1)
+            shards.append(name)
+            shard_counts.append(bounds[k + 1] - bounds[k])
+
+    manifest = {
+        "format_version": FORMAT_VERSION, "split": split, "num_examples": len(items),
+        "shards": shards, "shard_num_examples": shard_counts,
+        "class_names": list(class_names), "num_classes": len(class_names),
+        "class_counts": class_counts,
+        "image_size": out_size, "image_shape": [out_size, out_size], "has_images": has_images,
+        "has_captions": any(item.caption is not None for item in items),
+        "teacher_emb_dim": None if teacher_emb is None else int(np.shape(teacher_emb)[1]),
+        "representation": representation, "event_shape": shape,
+        "event_feature": "event_counts" if representation == "evclip" else "event_frames",
+        "representation_options": representation_options(representation, num_frames),
+        "window": ("random window of window_k events, seeded per item, fixed at write time"
+                   if is_train_split(split) else "eval_window(num_events, window_k, seed)"),
+        "sensor_size": None if sensor_size is None else list(sensor_size), "clamp": clamp,
+        "window_k": window_k, "seed": seed, "shuffled": is_train_split(split),
+    }
+    if representation == "evclip":
+        manifest["event_counts_shape"] = [out_size, out_size]
+    _write_json(manifest_path(out_dir, split), manifest)
+    return manifest
+
+
+def _write_json(path: str, obj: dict) -> None:
+    """Writes JSON through a temporary name so a reader never sees a partial manifest."""
+    tmp = path + ".tmp"
+    with _open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    if _is_url(path):
+        import tensorflow as tf
+
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    else:
+        os.replace(tmp, path)
+
+
+def _example(tf: Any, item: PairedItem, index: int, settings: dict[str, Any],
+             teacher_row: np.ndarray | None) -> bytes:
+    """One serialized tf.train.Example; errors are re-raised naming the item's files."""
+    try:
+        events = item_events(item, index, **settings)
+    except ValueError as e:  # EventFileError is a ValueError
+        msg = str(e)
+        if not msg.startswith(item.event_path):
+            msg = f"{item.event_path}: {msg}"
+        raise ValueError(msg) from e
+    counts = settings["representation"] == "evclip"
+    feature = {
+        "event_counts" if counts else "event_frames":
+            _bytes_feature(tf, encode_png(events) if counts else encode_frames(events)),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(item.label)])),
+        "key": _bytes_feature(tf, item.event_path.encode("utf-8")),
+    }
+    if item.image_path is not None:
+        feature["image"] = _bytes_feature(tf, encode_png(load_gray_image(
+            item.image_path, settings["out_size"])))
+    if teacher_row is not None:
+        feature["teacher_emb"] = tf.train.Feature(
+            float_list=tf.train.FloatList(value=np.asarray(teacher_row, np.float32).tolist()))
+    if item.caption is not None:
+        # Raw text: tokenising needs the CLIP tokenizer, which lives with the model code.
+        feature["caption"] = _bytes_feature(tf, item.caption.encode("utf-8"))
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    return example.SerializeToString()
+
+
+def _bytes_feature(tf: Any, value: bytes) -> Any:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading.
+
+
+def read_manifest(data_dir: str | os.PathLike, split: str) -> dict:
+    """Loads ``<data_dir>/<split>.manifest.json`` and checks it and its shards exist.
+
+    Raises ValueError naming the path when the directory, the manifest or a shard is missing,
+    or the manifest is not valid JSON / lacks required keys (an interrupted write) / has a
+    representation or event_shape that does not fit. Format 1 is read as ``evclip``.
+    """
+    data_dir = os.fspath(data_dir)
+    path = manifest_path(data_dir, split)
+    if not _exists(data_dir):
+        raise ValueError(f"{data_dir}: data directory does not exist (expected "
+                         f"{split}.manifest.json and TFRecord shards in it)")
+    if not _exists(path):
+        raise ValueError(f"{path}: manifest not found; build the split with "
+                         "tools/build_tfrecords.py (the manifest is written last, so a missing "
+                         "one also means an incomplete build)")
+    try:
+        with _open(path, "r") as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: manifest is not valid JSON ({e})") from e
+    missing = [k for k in _REQUIRED_MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: manifest lacks keys {missing}; expected the keys written by "
+                         "write_tfrecords")
+    if len(manifest["shards"]) != len(manifest["shard_num_examples"]) or \
+            sum(manifest["shard_num_examples"]) != manifest["num_examples"]:
+        raise ValueError(f"{path}: shards / shard_num_examples / num_examples disagree")
+    size, name = int(manifest["image_size"]), manifest.get("representation")
+    if not isinstance(name, str):  # format 1: Eq. 1 counts, "representation" a dict
+        name = manifest["representation"] = "evclip"
+        manifest.update(event_shape=[size, size], event_feature="event_counts")
+    shape = manifest.get("event_shape") or [1]
+    num_frames = max(shape[0], 1)
+    if name not in frames.REPRESENTATIONS or shape != event_shape(name, size, num_frames):
+        raise ValueError(f"{path}: representation {name!r} with event_shape {shape}; expected "
+                         f"one of {', '.join(frames.REPRESENTATIONS)} with [S, S], [S, S, 3], "
+                         f"[T, S, S, 3] respectively (S = image_size {size})")
+    for shard in manifest["shards"]:
+        shard = os.path.join(data_dir, shard)
+        if not _exists(shard):
+            raise ValueError(f"{shard}: shard listed in {path} is missing")
+    return manifest
+
+
+def parse_example(serialized: Any, out_size: int, with_teacher_emb_dim: int | None = None, *,
+                  has_images: bool = True, num_classes: int | None = None,
+                  representation: str = "evclip", num_frames: int = 3) -> dict[str, Any]:
+    """Parses one serialized record into tensors (for ``tf.data.Dataset.map``).
+
+    Returns "event_counts" uint16 [S, S] (evclip) or "event_frames" float32 ``event_shape``
+    (eventclip, eventbind), "image" uint8 [S, S] (zeros without images), "label" int32, "key"
+    string and, with ``with_teacher_emb_dim`` D, "teacher_emb" float32 [D]. A missing
+    feature, a PNG of the wrong bit depth or shape, frames of the wrong size or a label
+    outside [0, num_classes) raise InvalidArgumentError when the op runs.
+    """
+    import tensorflow as tf
+
+    shape = event_shape(representation, out_size, num_frames)
+    feature = "event_counts" if representation == "evclip" else "event_frames"
+    spec = {
+        feature: tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+        "key": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    }
+    if has_images:
+        spec["image"] = tf.io.FixedLenFeature([], tf.string)
+    if with_teacher_emb_dim is not None:
+        spec["teacher_emb"] = tf.io.FixedLenFeature([with_teacher_emb_dim], tf.float32)
+    feats = tf.io.parse_single_example(serialized, spec)
+
+    if representation == "evclip":
+        events = _decode_gray_png(tf, feats[feature], tf.uint16, out_size, feature)
+    else:
+        raw = tf.io.decode_raw(tf.io.decode_compressed(feats[feature], "ZLIB"), tf.float32,
+                               little_endian=True)
+        events = tf.reshape(raw, shape)  # InvalidArgumentError on a wrong element count
+    if has_images:
+        image = _decode_gray_png(tf, feats["image"], tf.uint8, out_size, "image")
+    else:
+        image = tf.zeros([out_size, out_size], tf.uint8)
+    label = feats["label"]
+    checks = [tf.debugging.assert_non_negative(label, message="label is negative")]
+    if num_classes is not None:
+        checks.append(tf.debugging.assert_less(
+            label, tf.constant(num_classes, tf.int64), message=f"label >= {num_classes}"))
+    with tf.control_dependencies(checks):
+        label = tf.cast(label, tf.int32)
+    out = {feature: events, "image": image, "label": label, "key": feats["key"]}
+    if with_teacher_emb_dim is not None:
+        out["teacher_emb"] = feats["teacher_emb"]
+    return out
+
+
+# PNG: 8-byte signature, then the IHDR chunk; bit depth at byte 24, colour type at byte 25.
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _decode_gray_png(tf: Any, data: Any, dtype: Any, out_size: int, name: str) -> Any:
+    """Decodes a 1-channel PNG of the expected bit depth, shape-checked to [S, S]."""
+    depth = b"\x10" if dtype == tf.uint16 else b"\x08"
+    # decode_png silently rescales 8-bit data to uint16 (and the reverse): check the header.
+    checks = [
+        tf.debugging.assert_equal(tf.strings.substr(data, 0, 8), _PNG_SIGNATURE,
+                                  message=f"{name}: not PNG data"),
+        tf.debugging.assert_equal(tf.strings.substr(data, 24, 2), depth + b"\x00",
+                                  message=f"{name}: expected a {8 * dtype.size}-bit gray PNG"),
+    ]
+    with tf.control_dependencies(checks):
+        decoded = tf.io.decode_png(data, channels=1, dtype=dtype)
+    decoded = tf.ensure_shape(decoded, [out_size, out_size, 1])
+    return decoded[..., 0]

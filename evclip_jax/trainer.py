@@ -1,0 +1,285 @@
+"""The trainer, top to bottom: mesh, data, model, state and step, checkpoint, evaluators, loop.
+
+What trains and what stays frozen follows ``config.objective`` (see objectives.py). The towers
+the run starts from are written once to ``workdir/init`` (an evclip checkpoint dir); the step
+checkpoints in ``workdir/checkpoints`` hold only the trainable state (checkpoints.py).
+
+TensorFlow (tf.data) and clu are imported inside ``train_and_evaluate``, so the step can be
+built and benchmarked where TensorFlow is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from evclip_jax import checkpoints, convert, embed, objectives, sharding, step, text
+from evclip_jax.evaluate import runner
+from evclip_jax.models.clip import CLIPConfig, TowerConfig
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; nothing was saved after it."""
+
+
+# ----------------------------------------------------------------------------- set-up pieces
+
+
+def check_config(config) -> None:
+    """Settings refused before anything is built, each naming its field."""
+    if config.batch_size % jax.device_count():
+        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
+                         f"{jax.device_count()} devices")
+    objectives.check_loss_config(objectives.get(config.objective), config.loss)
+    embed.check_representation(config.data.representation)
+    runner.parse_evals(config.eval.evals)
+
+
+def model_config(config) -> CLIPConfig:
+    """The CLIP architecture: from model.checkpoint when given, else from config.model."""
+    m = config.model
+    if m.checkpoint:
+        return checkpoints.load_model_config(m.checkpoint, "config.model.checkpoint")
+    if not m.allow_random_init:
+        raise ValueError("config.model.checkpoint: empty; give an HF CLIP dir, an evclip "
+                         "checkpoint dir or a training workdir (or set model.allow_random_init "
+                         "for a random CLIP built from model.vision and model.text)")
+    return CLIPConfig(vision=TowerConfig(**m.vision), text=TowerConfig(**m.text),
+                      projection_dim=m.vision.projection_dim)
+
+
+def write_init_dir(config, workdir: Path, towers) -> Path:
+    """workdir/init: the towers the run starts from, stored once (by process 0)."""
+    init_dir = workdir / checkpoints.INIT_DIR
+    if convert.is_evclip_dir(init_dir):
+        if convert.load_evclip_config(init_dir) != towers.config:
+            raise ValueError(f"{init_dir}/evclip.json: the stored model differs from the "
+                             "config's; use a fresh --workdir")
+        return init_dir
+    if jax.process_index() == 0:
+        if config.model.checkpoint:
+            _, params, tok_dir = checkpoints.load_model(config.model.checkpoint,
+                                                        "config.model.checkpoint")
+        else:
+            params, tok_dir = jax.device_get(towers.init(jax.random.key(config.seed))), None
+        convert.save_evclip(params, towers.config, init_dir, tokenizer_dir=tok_dir)
+    return init_dir
+
+
+def class_inputs(config, objective, towers, params: dict, tokenizer, class_names) -> np.ndarray:
+    """What the objective knows of the classes: normalised class text embeddings [M, D] of the
+    frozen text tower, or (clip objective) caption token ids [M, K, L] of K templates."""
+    text_cfg, where = towers.config.text, config.model.checkpoint or "the random model"
+    if objective.uses_class_text:
+        ids = text.token_ids(text.class_prompts(config.data.prompt, class_names), text_cfg,
+                             tokenizer, where)
+        return np.asarray(embed.class_text_embeddings(towers.text, params["text_tower"], ids))
+    templates = list(config.data.caption_templates) or [config.data.prompt]
+    per_template = [text.token_ids(text.class_prompts(t, class_names,
+                                                      "config.data.caption_templates"),
+                                   text_cfg, tokenizer, where) for t in templates]
+    return np.stack(per_template, axis=1)
+
+
+class Preemption:
+    """Turns SIGTERM into a flag the loop polls, so it can save before exiting."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            logging.warning("SIGTERM received: saving a checkpoint and stopping")
+            self.requested = True
+
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def flat_config(config, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            out.update(flat_config(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)):
+            out[name] = value
+    return out
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains per ``config`` in ``workdir``, resuming from its latest complete checkpoint."""
+    from clu import metric_writers
+
+    from evclip_jax.data import pipeline, prepare, records
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    check_config(config)
+
+    # Mesh and model.
+    mesh = sharding.make_mesh(**config.mesh)
+    towers = step.make_towers(config, model_config(config))
+    image_size = towers.config.vision.image_size
+    objective = objectives.get(config.objective)
+
+    # Data and schedule.
+    data_dir = prepare.prepare_data(config, workdir, image_size)
+    manifest = records.read_manifest(data_dir, config.data.train_split)
+    class_names = manifest["class_names"]
+    steps_per_epoch = max(manifest["num_examples"] // config.batch_size, 1)
+    total_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
+    warmup_steps = config.optim.warmup_steps or int(config.optim.warmup_epochs * steps_per_epoch)
+
+    # State and step: the starting towers stored once in workdir/init and read back from there.
+    init_dir = write_init_dir(config, workdir, towers)
+    _, params = convert.load_evclip(init_dir)
+    tokenizer = text.load_tokenizer(init_dir)
+    classes = class_inputs(config, objective, towers, params, tokenizer, class_names)
+    s = step.setup(config, towers, params, classes, mesh, total_steps=total_steps,
+                   warmup_steps=warmup_steps)
+    state = s.state
+
+    # Checkpoint: resume from the latest complete step.
+    mngr = checkpoints.checkpoint_manager(
+        workdir, keep=config.checkpoint.keep, every_steps=config.checkpoint.every_steps,
+        async_save=config.checkpoint.async_save)
+    start = 0
+    if mngr.latest_step() is not None:
+        state, data_meta = checkpoints.restore_state(mngr, mngr.latest_step(), state)
+        start = int(data_meta["step"])
+        logging.info("resumed from %s at step %d", Path(mngr.directory) / str(start), start)
+
+    # Input: the data position is the step, so a resumed run sees the batches it would have.
+    augment = dict(config.data.augment)
+    augment = augment if augment.pop("enabled") else None
+    ds = pipeline.make_dataset(
+        data_dir, config.data.train_split, global_batch_size=config.batch_size,
+        out_size=image_size, train=True, seed=config.seed, augment=augment,
+        paired_aug=config.data.paired_aug, skip_bad_records=config.data.skip_bad_records,
+        teacher_emb=config.data.teacher_emb, start_step=start,
+        representation=config.data.representation)
+    batches = pipeline.global_batches(ds, mesh)
+
+    # Evaluators: run on the current params, every eval.every_steps and at the end.
+    def evaluate(report_dir: Path | None = None) -> dict:
+        current = {**params, **s.frozen, **state.params}
+        if "image_tower" in objective.trainable:  # the event tower starts as its copy
+            current["event_tower"] = current["image_tower"]
+        return runner.run_evaluators(config, towers, current, tokenizer, data_dir, mesh,
+                                     where=str(init_dir), report_dir=report_dir)
+
+    writer = metric_writers.create_default_writer(
+        str(workdir / "tensorboard"), just_logging=jax.process_index() > 0)
+    writer.write_hparams(flat_config(config))
+    order_log = (workdir / "data_order.jsonl").open("a") if config.debug.log_data_order else None
+
+    # The loop. Metrics are read one step late, so the host never waits on the step it queued.
+    last_saved = mngr.latest_step()
+    history: dict[str, float] = {}
+    pending = None
+    t0, samples, at = time.time(), 0, start
+
+    def finite(metrics, at_step) -> dict[str, float]:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not np.isfinite(values["loss"]):
+            good = Path(mngr.directory) / str(last_saved) if last_saved is not None else "none"
+            raise NonFiniteLossError(
+                f"non-finite loss {values['loss']} at step {at_step}; stopped without saving. "
+                f"Last good checkpoint: {good}")
+        return values
+
+    with Preemption() as preempt, jax.set_mesh(mesh):
+        while at < total_steps:
+            batch = next(batches)
+            if order_log is not None:
+                order_log.write(json.dumps({"step": at, "labels": np.asarray(
+                    jax.device_get(batch["labels"])).tolist()}) + "\n")
+            state, metrics = s.step_fn(state, s.frozen, s.classes, batch)
+            if pending is not None:
+                history = finite(*pending)
+            at += 1
+            samples += config.batch_size
+            pending = (metrics, at)
+            if at % config.log_every_steps == 0 or at == total_steps:
+                history = finite(metrics, at)
+                rate = samples / (time.time() - t0)
+                history["samples_per_sec_per_device"] = rate / jax.device_count()
+                writer.write_scalars(at, history)
+                logging.info("step %d/%d  loss %.4f  %s  %.1f samples/s/device  ETA %s",
+                             at, total_steps, history["loss"],
+                             " ".join(f"{k} {history[k]:.4f}" for k in sorted(history)
+                                      if k.startswith("loss_")),
+                             history["samples_per_sec_per_device"],
+                             _hms((total_steps - at) * config.batch_size / max(rate, 1e-9)))
+            if (at % config.checkpoint.every_steps == 0 or at == total_steps
+                    or preempt.requested or mngr.reached_preemption(at)):
+                finite(metrics, at)
+                checkpoints.save_state(mngr, at, state, force=True)
+                last_saved = at
+            if preempt.requested:
+                mngr.wait_until_finished()
+                logging.warning("stopped at step %d after SIGTERM; checkpoint saved", at)
+                break
+            if config.eval.every_steps and at % config.eval.every_steps == 0:
+                writer.write_scalars(at, evaluate())
+    mngr.wait_until_finished()
+    if order_log is not None:
+        order_log.close()
+
+    # Final evaluation and the summary.
+    eval_metrics = {}
+    if at >= total_steps and config.eval.at_end:
+        eval_metrics = evaluate(report_dir=workdir / "report")
+        writer.write_scalars(at, eval_metrics)
+    writer.flush()
+    elapsed = time.time() - t0
+    summary = {
+        "step": at, "total_steps": total_steps, "finished": at >= total_steps,
+        "preempted": at < total_steps, "wall_seconds": round(elapsed, 2),
+        "samples_per_sec": round(samples / max(elapsed, 1e-9), 2),
+        "devices": jax.device_count(),
+        "last_checkpoint": str(Path(mngr.directory) / str(last_saved)),
+        "train": history, "eval": eval_metrics,
+    }
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A plain-text table of the run's last training metrics and its eval metrics."""
+    rows = [("steps", f"{summary['step']}/{summary['total_steps']}"
+             + ("" if summary["finished"] else " (stopped early)")),
+            ("wall time", f"{summary['wall_seconds']:.1f} s"),
+            ("throughput", f"{summary['samples_per_sec']:.1f} samples/s on "
+                           f"{summary['devices']} device(s)"),
+            ("last checkpoint", summary["last_checkpoint"])]
+    rows += [(f"train/{k}", f"{v:.4f}") for k, v in sorted(summary["train"].items())]
+    rows += [(f"eval/{k}", f"{v:.4f}" if isinstance(v, float) else str(v))
+             for k, v in sorted(summary["eval"].items())]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 30)
+    return "\n".join([line] + [f"{k:<{width}}  {v}" for k, v in rows] + [line])
