@@ -17,6 +17,8 @@ from PIL import Image
 
 tf = pytest.importorskip("tensorflow")
 
+from event_fixtures import random_events  # noqa: E402
+
 from evclip_jax import embed  # noqa: E402
 from evclip_jax.data import pipeline  # noqa: E402
 from evclip_jax.data.augment import RELEASE_AUGMENT  # noqa: E402
@@ -48,12 +50,7 @@ MEAN, STD = np.array(embed.CLIP_MEAN), np.array(embed.CLIP_STD)
 
 
 def _random_events(rng, n, sensor=SENSOR):
-    ev = np.zeros(n, EVENT_DTYPE)
-    ev["x"] = rng.integers(0, sensor[1], n)
-    ev["y"] = rng.integers(0, sensor[0], n)
-    ev["t"] = np.sort(rng.integers(0, 1 << 20, n))
-    ev["p"] = rng.integers(0, 2, n)
-    return ev
+    return random_events(rng, n, sensor)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from event_fixtures import random_events
 from PIL import Image
 
 from evclip_jax.data import layouts, records
@@ -21,7 +22,7 @@ from evclip_jax.events.frames import (
     eventclip_frame,
     random_window,
 )
-from evclip_jax.events.io import EVENT_DTYPE, write_events
+from evclip_jax.events.io import write_events
 
 tf = pytest.importorskip("tensorflow")
 
@@ -31,12 +32,7 @@ S = 16
 
 
 def _events(rng, n, sensor=SENSOR):
-    ev = np.zeros(n, EVENT_DTYPE)
-    ev["x"] = rng.integers(0, sensor[1], n)
-    ev["y"] = rng.integers(0, sensor[0], n)
-    ev["t"] = np.sort(rng.integers(0, 1 << 20, n))
-    ev["p"] = rng.integers(0, 2, n)
-    return ev
+    return random_events(rng, n, sensor)
 
 
 def _reference_gray(path, size):

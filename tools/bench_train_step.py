@@ -161,26 +161,20 @@ def _flops(cost) -> float | None:
     return float(cost["flops"])
 
 
-def jax_bench(model: str, attention: str, steps: int, repeats: int, warmup: int) -> dict:
-    """Times evclip_jax.train's step for ``model`` with attention_impl ``attention``."""
-    import flax
+def build_jax_step(model: str, attention: str, dtype: str = "bfloat16", devices=None):
+    """(config, step.Setup, batch): the trainer's step for ``model`` (step.setup from
+    base_config(), random params made on the device) and a random batch already placed."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from evclip_jax import embed, sharding, step, text
     from evclip_jax.models.clip import Towers
 
-    t_start = time.perf_counter()
-
-    def phase(what: str) -> None:
-        print(f"  [{time.perf_counter() - t_start:6.1f} s] {what}", flush=True)
-
     clip_cfg = clip_config(model)
     cfg = bench_config(batch_size_of(model))
-    cfg.model.dtype = "bfloat16"
+    cfg.model.dtype = dtype
     cfg.model.attention_impl = attention
-    devices = jax.local_devices()
+    devices = jax.local_devices() if devices is None else devices
     if cfg.batch_size % len(devices):
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by {len(devices)} devices")
     mesh = sharding.make_mesh(data=-1, devices=devices)
@@ -188,16 +182,13 @@ def jax_bench(model: str, attention: str, steps: int, repeats: int, warmup: int)
 
     # Random params made on the device; jit returns separate buffers for the event tower and
     # the image tower it copies (the event tower is donated every step).
-    params = jax.jit(Towers(clip_cfg).init)(jax.random.key(0))
-    prompts = [f"a photo of a class {i}" for i in range(NUM_CLASSES)]
+    params = jax.jit(Towers(clip_cfg).init)(jax.random.key(cfg.seed))
+    prompts = [cfg.data.prompt.format(label=name) for name in class_names()]
     ids = text.token_ids(prompts, clip_cfg.text)
     text_emb = embed.class_text_embeddings(towers.text, params["text_tower"], ids)
-    # The trainer's own set-up: placement, optimizer state and the jitted step.
-    s = step.setup(cfg, towers, params, text_emb, mesh, total_steps=cfg.num_train_steps,
-                   warmup_steps=cfg.optim.warmup_steps)
-    state, frozen, text_emb = s.state, s.frozen, s.classes
+    setup = step.setup(cfg, towers, params, text_emb, mesh, total_steps=cfg.num_train_steps,
+                       warmup_steps=cfg.optim.warmup_steps)
     del params
-    phase("params initialised and placed, optimizer state and class text embeddings ready")
 
     v = clip_cfg.vision
     shape = (cfg.batch_size, v.image_size, v.image_size, v.num_channels)
@@ -212,6 +203,29 @@ def jax_bench(model: str, attention: str, steps: int, repeats: int, warmup: int)
                 "images": sharding.batch_sharding(mesh, 4),
                 "labels": sharding.batch_sharding(mesh, 1)}
     batch = jax.jit(make_batch, out_shardings=batch_sh)(jax.random.key(1))
+    return cfg, setup, batch
+
+
+def class_names() -> list[str]:
+    return [f"class {i}" for i in range(NUM_CLASSES)]
+
+
+def jax_bench(model: str, attention: str, steps: int, repeats: int, warmup: int) -> dict:
+    """Times the trainer's step for ``model`` with attention_impl ``attention``."""
+    import flax
+    import jax
+    import numpy as np
+
+    t_start = time.perf_counter()
+
+    def phase(what: str) -> None:
+        print(f"  [{time.perf_counter() - t_start:6.1f} s] {what}", flush=True)
+
+    cfg, s, batch = build_jax_step(model, attention)
+    state, frozen, text_emb = s.state, s.frozen, s.classes
+    mesh = text_emb.sharding.mesh
+    devices = jax.local_devices()
+    phase("params initialised and placed, optimizer state and class text embeddings ready")
 
     with jax.set_mesh(mesh):
         step_fn = s.step_fn
