@@ -86,6 +86,20 @@ def base_config() -> ml_collections.ConfigDict:
         {"enabled": False, "num_classes": 4, "per_class": 32, "seed": 0,
          "splits": {"train": 0.75, "test": 0.25}, "num_shards": 2})
 
+    # The closed world (closed_world.py): a synthetic world with unseen classes, a CLIP teacher
+    # trained on it, then this config's run distils the teacher on the seen classes.
+    c.world = ml_collections.ConfigDict()
+    c.world.enabled = False
+    c.world.dir = ""  # default <workdir>/world; shared by the jobs of a sweep
+    c.world.teacher_dir = ""  # default <workdir>/teacher
+    c.world.num_classes = 12
+    c.world.unseen_classes = "2,5,8,11"  # class ids the event tower never trains on
+    c.world.per_class = 150  # instances per class
+    c.world.test_fraction = 0.25  # held-out instances per class
+    c.world.seed = 0
+    c.world.teacher = ml_collections.ConfigDict(
+        {"steps": 4500, "batch_size": 32, "base_lr": 0.01, "warmup_steps": 50})
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000
     c.checkpoint.keep = 3
@@ -104,6 +118,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.fewshot_seeds = 3
     c.eval.finetune_steps = 50  # fewshot_finetune: full-batch L_pred steps per support set
     c.eval.knn_k = 0  # > 0: EZSR k-NN translation against the image embeddings
+    c.eval.query = "events"  # "events": the event tower; "images": the image tower (a teacher)
+    # Several evaluation sets in one run: name -> {split, classes, rank_against, evals,
+    # support_split, query}, each defaulting to the fields above; metrics get "<name>/".
+    c.eval.views = ml_collections.ConfigDict()
     # Video anomaly detection: <name>_frames.npz of tools/video_to_events.py, "dataset=path"
     # to pool files per dataset. The prompts are a project default, not the paper's.
     c.eval.anomaly_videos = ()

@@ -56,11 +56,14 @@ def main(argv):
     logging.info("JAX process %d/%d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     if FLAGS.mode == "train":
-        from evclip_jax import trainer
+        if FLAGS.config.world.enabled:  # teacher, then distillation, in a closed world
+            from evclip_jax import closed_world as run
+        else:
+            from evclip_jax import trainer as run
 
-        summary = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        summary = run.train_and_evaluate(FLAGS.config, FLAGS.workdir)
         if jax.process_index() == 0:
-            print(trainer.format_summary(summary))
+            print(run.format_summary(summary))
     elif FLAGS.mode == "eval":
         from evclip_jax.evaluate import runner
 

@@ -23,6 +23,8 @@ from evclip_jax import checkpoints, convert, embed, objectives, sharding, step, 
 from evclip_jax.evaluate import runner
 from evclip_jax.models.clip import CLIPConfig, TowerConfig
 
+EVAL_HISTORY = "eval_history.jsonl"
+
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; nothing was saved after it."""
@@ -183,13 +185,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
         representation=config.data.representation)
     batches = pipeline.global_batches(ds, mesh)
 
-    # Evaluators: run on the current params, every eval.every_steps and at the end.
-    def evaluate(report_dir: Path | None = None) -> dict:
+    # Evaluators: on the current params, at the start, every eval.every_steps and at the end;
+    # each result is also appended to workdir/eval_history.jsonl (curves over a run).
+    def evaluate(at_step: int, report_dir: Path | None = None) -> dict:
         current = {**params, **s.frozen, **state.params}
         if "image_tower" in objective.trainable:  # the event tower starts as its copy
             current["event_tower"] = current["image_tower"]
-        return runner.run_evaluators(config, towers, current, tokenizer, data_dir, mesh,
-                                     where=str(init_dir), report_dir=report_dir)
+        metrics = runner.run_evaluators(config, towers, current, tokenizer, data_dir, mesh,
+                                        where=str(init_dir), report_dir=report_dir)
+        writer.write_scalars(at_step, metrics)
+        if jax.process_index() == 0:
+            with (workdir / EVAL_HISTORY).open("a") as f:
+                f.write(json.dumps({"step": at_step, **metrics}) + "\n")
+        return metrics
 
     writer = metric_writers.create_default_writer(
         str(workdir / "tensorboard"), just_logging=jax.process_index() > 0)
@@ -211,6 +219,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 f"Last good checkpoint: {good}")
         return values
 
+    if start == 0 and config.eval.every_steps:
+        evaluate(0)
     with Preemption() as preempt, jax.set_mesh(mesh):
         while at < total_steps:
             batch = next(batches)
@@ -243,8 +253,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 mngr.wait_until_finished()
                 logging.warning("stopped at step %d after SIGTERM; checkpoint saved", at)
                 break
-            if config.eval.every_steps and at % config.eval.every_steps == 0:
-                writer.write_scalars(at, evaluate())
+            if config.eval.every_steps and at % config.eval.every_steps == 0 \
+                    and at < total_steps:
+                evaluate(at)
     mngr.wait_until_finished()
     if order_log is not None:
         order_log.close()
@@ -252,8 +263,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # Final evaluation and the summary.
     eval_metrics = {}
     if at >= total_steps and config.eval.at_end:
-        eval_metrics = evaluate(report_dir=workdir / "report")
-        writer.write_scalars(at, eval_metrics)
+        eval_metrics = evaluate(at, report_dir=workdir / "report")
     writer.flush()
     elapsed = time.time() - t0
     summary = {

@@ -46,6 +46,9 @@ def tiny_config(data_dir=""):
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     c = demo.get_config()
+    c.world.enabled = False  # a plain run on the shrunk synthetic set, one eval view
+    c.eval.views = {}
+    c.eval.every_steps = 0
     c.model.vision.update(VISION)
     c.model.text.update(TEXT)
     c.data.dir = str(data_dir)
@@ -380,7 +383,7 @@ def test_mode_eval_cli_writes_metrics_and_report(data_dir, evclip_dir, model, tm
     synthetic_video(tmp_path / "clip_frames.npz", 16, 16, 2)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "evclip_jax.main", "--mode=eval",
-           f"--config={REPO / 'configs' / 'demo.py'}", f"--workdir={tmp_path / 'wd'}",
+           f"--config={REPO / 'tests' / 'configs' / 'tiny.py'}", f"--workdir={tmp_path / 'wd'}",
            f"--eval_dir={out}", f"--config.eval.checkpoint={evclip_dir}",
            f"--config.data.dir={data_dir}", "--config.data.eval_split=test",
            "--config.eval.evals=zeroshot,retrieval,fewshot,anomaly",

@@ -173,15 +173,24 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir,
 
 
 def test_demo_command_and_export(tmp_path):
-    """The README's main command (shortened to 6 steps) and --mode export."""
+    """The README's main command (the closed world, shrunk) and --mode export of its
+    distillation run."""
     import torch
     from transformers import CLIPVisionModelWithProjection
 
     from evclip_jax.api import EventCLIP
 
-    workdir = tmp_path / "demo"
-    out = run(workdir, "--config.eval.at_end=False", config="configs/demo.py:steps=6")
-    assert "steps" in out.stdout and "6/6" in out.stdout
+    root = tmp_path / "demo"
+    # The closed world in miniature: a few instances, 4 teacher steps, 6 distillation steps.
+    small = ["--config.world.per_class=8", "--config.world.teacher.steps=4",
+             "--config.eval.every_steps=3", "--config.eval.batch_size=8"]
+    out = run(root, *small, config="configs/demo.py:steps=6")
+    assert "| event zero-shot after distillation, unseen classes |" in out.stdout
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["unseen_zeroshot_curve"]["steps"] == [0, 3, 6]
+    assert 0 <= summary["event_zeroshot_acc_heldout_classes"] <= 1
+    assert (root / "teacher" / "hf" / "config.json").is_file()
+    workdir = root / "distill"
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["finished"] and np.isfinite(summary["train"]["loss"])
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))

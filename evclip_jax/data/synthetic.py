@@ -2,7 +2,8 @@
 
 Each class is a procedurally drawn object (a shape; beyond the eight shapes, a shape with a
 striped or checkered fill). Every example draws its position, size, angle, brightness,
-background gradient and a faint smooth texture from a seeded generator, is rendered as a
+background gradient, a faint smooth texture and clutter (small discs) from a seeded
+generator, is rendered as a
 grayscale image (saved as PNG) and at the event sensor's resolution, and the sensor rendering
 is moved by :func:`image_to_events` (EZSR-style random affine motion) into an event stream
 written in a real event format. Each split is then packed with :func:`write_tfrecords`.
@@ -100,7 +101,15 @@ def _draw_scene(rng: np.random.Generator) -> dict:
         "wave_phase": rng.uniform(0, 2 * np.pi, size=3),
         "wave_amplitude": rng.uniform(0.0, 0.03),
         "period": rng.uniform(0.4, 0.6),
+        "clutter": _draw_clutter(rng),
     }
+
+
+def _draw_clutter(rng: np.random.Generator) -> np.ndarray:
+    """2-4 small discs anywhere in the image: rows (x, y, radius, tone)."""
+    n = int(rng.integers(2, 5))
+    return np.column_stack([rng.uniform(-0.45, 0.45, size=(n, 2)),
+                            rng.uniform(0.03, 0.06, size=n), rng.uniform(0.0, 1.0, size=n)])
 
 
 def render_example(class_index: int, scene: dict, size: tuple[int, int]) -> np.ndarray:
@@ -125,6 +134,8 @@ def render_example(class_index: int, scene: dict, size: tuple[int, int]) -> np.n
     second_tone = 0.5 * (scene["foreground"] + scene["background"])
     foreground = np.where(_texture_mask(texture, u, v, scene["period"]), second_tone, foreground)
     image = np.where(_shape_mask(shape, u, v), foreground, background)
+    for cx, cy, radius, tone in scene["clutter"]:
+        image = np.where(np.hypot(x - cx, y - cy) < radius, tone, image)
     for (fx, fy), phase in zip(scene["waves"], scene["wave_phase"], strict=True):
         image = image + scene["wave_amplitude"] / 3 * np.sin(2 * np.pi * (fx * x + fy * y) + phase)
     image = image.reshape(height, ss, width, ss).mean(axis=(1, 3))
@@ -262,4 +273,52 @@ def make_synthetic_dataset(
             json.dump(manifest, f, indent=2)
         os.replace(path + ".tmp", path)
         manifests[split] = manifest
+    return manifests
+
+
+def make_closed_world(
+    out_dir: str | os.PathLike,
+    *,
+    num_classes: int = 12,
+    unseen_classes: tuple[int, ...] = (2, 5, 8, 11),
+    per_class: int = 40,
+    test_fraction: float = 0.25,
+    image_size: int = 32,
+    seed: int = 0,
+    representation: str = "evclip",
+    num_frames: int = 3,
+) -> dict[str, dict]:
+    """The closed world of METHOD.md: the synthetic set with seen and unseen classes.
+
+    Splits (instances split by ``test_fraction``, so no test image or its events is trained
+    on): ``train`` (every class: the teacher's images), ``train_seen`` (the seen classes'
+    ``train`` instances: the event tower's pairs), ``test`` (held-out instances of every
+    class) and ``unseen`` (every instance of the unseen classes). Returns {split: manifest}.
+    """
+    unseen = sorted({int(c) for c in unseen_classes})
+    if not unseen or unseen[0] < 0 or unseen[-1] >= num_classes or len(unseen) >= num_classes:
+        raise ValueError(f"unseen_classes={tuple(unseen_classes)}: expected some, not all, of "
+                         f"the class ids 0..{num_classes - 1}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction={test_fraction}: expected a fraction in (0, 1)")
+    manifests = make_synthetic_dataset(
+        out_dir, num_classes=num_classes, per_class=per_class, image_size=image_size,
+        seed=seed, splits={"train": 1 - test_fraction, "test": test_fraction},
+        representation=representation, num_frames=num_frames)
+    class_names = manifests["train"]["class_names"]
+
+    def items(split: str, keep) -> list[PairedItem]:
+        syn = manifests[split]["synthetic"]
+        return [PairedItem(event_path=e, image_path=i, label=label) for e, i, label in
+                zip(syn["event_files"], syn["image_files"], syn["labels"], strict=True)
+                if keep(label)]
+
+    derived = {"train_seen": items("train", lambda c: c not in unseen),
+               "unseen": items("train", lambda c: c in unseen)
+               + items("test", lambda c: c in unseen)}
+    for split, split_items in derived.items():
+        manifests[split] = write_tfrecords(
+            split_items, out_dir, class_names=class_names, out_size=image_size,
+            sensor_size=(image_size, image_size), split=split, seed=seed,
+            representation=representation, num_frames=num_frames, progress=False)
     return manifests

@@ -218,3 +218,35 @@ def write_report(
             lines += [f"### {name}", "", f"![{kind} {name}]({filename})", ""]
     (out / "report.md").write_text("\n".join(lines))
     return flat
+
+
+def plot_curves(curves: Mapping[str, tuple], path: str | os.PathLike, *, ylabel: str,
+                chance: float | None = None, title: str = "") -> Path:
+    """One line per name over training steps, with a shaded spread where given, to ``path``.
+
+    ``curves``: name -> (steps, values, spread or None); e.g. mean and standard deviation over
+    seeds (the paper's Fig. 4: unseen-class zero-shot accuracy against pre-training step).
+    """
+    fig = _new_figure(7.2, 4.8)
+    ax = fig.add_subplot()
+    for name, (steps, values, spread) in curves.items():
+        steps, values = np.asarray(steps, np.float64), np.asarray(values, np.float64)
+        line = ax.plot(steps, values, marker="o", markersize=3, label=name)[0]
+        if spread is not None:
+            spread = np.asarray(spread, np.float64)
+            ax.fill_between(steps, values - spread, values + spread, alpha=0.15,
+                            color=line.get_color())
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

@@ -12,12 +12,14 @@ evaluators themselves live in their own modules: zeroshot, retrieval, fewshot, f
 
 ``config.eval`` fields: ``evals``, ``batch_size``, ``rank_against``, ``heldout_classes``,
 ``fewshot_shots``, ``fewshot_seeds``, ``finetune_steps``, ``knn_k``, ``anomaly_videos``,
-``normal_prompts``, ``abnormal_prompts`` and ``checkpoint`` (``every_steps`` and ``at_end``
-are the trainer's).
+``normal_prompts``, ``abnormal_prompts``, ``query``, ``views`` and ``checkpoint``
+(``every_steps`` and ``at_end`` are the trainer's). Each of ``eval.views`` (name -> a few of
+those fields) is evaluated in turn, its metrics prefixed by its name.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -32,6 +34,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from evclip_jax import checkpoints, embed, sharding, step, text
+from evclip_jax.data import records
 from evclip_jax.evaluate.common import batch_axes_of, collect_labels, embed_batches, embed_dataset
 from evclip_jax.evaluate.fewshot import fewshot_metrics, fewshot_splits
 from evclip_jax.evaluate.finetune import fewshot_finetune
@@ -107,9 +110,47 @@ def _fewshot_settings(config) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return shots, tuple(range(num_seeds))
 
 
+# A view's keys and the config fields they replace for that view.
+VIEW_FIELDS = {"split": ("data", "eval_split"), "classes": ("eval", "heldout_classes"),
+               "rank_against": ("eval", "rank_against"), "evals": ("eval", "evals"),
+               "support_split": ("data", "train_split"), "query": ("eval", "query")}
+
+
+def eval_views(config) -> list[tuple[str, Any]]:
+    """[(name, config)] of ``config.eval.views`` (name -> {split, classes, rank_against, evals,
+    support_split, query}, each defaulting to the main fields); one unnamed view without."""
+    if not config.eval.views:
+        return [("", config)]
+    out = []
+    for name, view in config.eval.views.items():
+        unknown = sorted(set(view) - set(VIEW_FIELDS))
+        if unknown:
+            raise ValueError(f"config.eval.views.{name}: unknown key(s) {unknown}; expected "
+                             f"some of {sorted(VIEW_FIELDS)}")
+        view_config = copy.deepcopy(config)
+        for key, value in view.items():
+            section, field = VIEW_FIELDS[key]
+            view_config[section][field] = value
+        out.append((name, view_config))
+    return out
+
+
 def check_eval_config(config) -> tuple[str, ...]:
-    """The evaluators of config.eval, each setting checked before any compute."""
+    """The evaluators of every view of config.eval, each setting checked before any compute."""
+    evals = ()
+    for _, view_config in eval_views(config):
+        evals += tuple(e for e in _check_view(view_config) if e not in evals)
+    return evals
+
+
+def _check_view(config) -> tuple[str, ...]:
     evals = parse_evals(config.eval.evals)
+    if config.eval.query not in ("events", "images"):
+        raise ValueError(f"config.eval.query={config.eval.query!r}: expected 'events' (the "
+                         "event tower on the events) or 'images' (the image tower on the images)")
+    if config.eval.query == "images" and {"retrieval", "fewshot_finetune"} & set(evals):
+        raise ValueError("config.eval.query='images': retrieval and fewshot_finetune need the "
+                         "event tower (query 'events')")
     _rank_against(config)
     if {"fewshot", "fewshot_finetune"} & set(evals):
         _fewshot_settings(config)
@@ -154,8 +195,6 @@ class _Split:
 
 def _open_split(config, data_dir, split: str, mesh: Mesh, class_names: Sequence[str],
                 image_size: int) -> _Split:
-    from evclip_jax.data import records
-
     manifest = records.read_manifest(data_dir, split)  # names a missing dir/manifest/shard
     where = records.manifest_path(data_dir, split)
     if list(manifest["class_names"]) != list(class_names):
@@ -214,15 +253,16 @@ def _evaluate_splits(ctx: _Context, data_dir, image_size: int
                          f"{config.data.eval_split!r} has none")
     need_images = has_images and ("retrieval" in ctx.evals or knn_k > 0)
 
+    query = config.eval.query  # "events": the event tower; "images": the image tower
     if set(ctx.evals) & {"zeroshot", "retrieval", "fewshot"}:
         embed_fn = _embed_fn(ctx.towers.vision)
-        fns = {"events": embed_fn}
-        params = {"events": ctx.params["event_tower"]}
-        if need_images:
-            fns["images"] = embed_fn
-            params["images"] = ctx.params["image_tower"]
+        fns, params = {}, {}
+        if query == "events":
+            fns["events"], params["events"] = embed_fn, ctx.params["event_tower"]
+        if need_images or query == "images":
+            fns["images"], params["images"] = embed_fn, ctx.params["image_tower"]
         emb, labels = embed_batches(fns, eval_split(), ctx.mesh, params=params)
-        event_emb = emb["events"]
+        event_emb = emb[query]
     else:  # fewshot_finetune alone runs its own towers; it needs the labels only
         emb, event_emb, labels = {}, None, collect_labels(eval_split())
     heldout = parse_class_ids(config.eval.heldout_classes, len(ctx.class_names))
@@ -274,8 +314,8 @@ def _evaluate_splits(ctx: _Context, data_dir, image_size: int
             support_emb, support_labels = event_emb, labels
         elif "fewshot" in ctx.evals:
             support_emb, support_labels = embed_dataset(
-                _embed_fn(ctx.towers.vision), support_split(), ctx.mesh,
-                params=ctx.params["event_tower"])
+                _embed_fn(ctx.towers.vision), support_split(), ctx.mesh, input_key=query,
+                params=ctx.params[f"{query[:-1]}_tower"])
         else:
             support_emb, support_labels = None, collect_labels(support_split())
         where = f"config.data.train_split={config.data.train_split!r}"
@@ -345,17 +385,24 @@ def run_evaluators(config, towers, params: Mapping[str, Any], tokenizer, data_di
     metrics: dict[str, float] = {}
     plots: PlotsData = {}
     with jax.set_mesh(mesh):
-        split_evals = tuple(e for e in evals if e != "anomaly")
-        if split_evals:
-            from evclip_jax.data import records
-
-            class_names = records.read_manifest(data_dir, config.data.eval_split)["class_names"]
+        for name, view_config in eval_views(config):
+            view_evals = tuple(e for e in parse_evals(view_config.eval.evals) if e != "anomaly")
+            if not view_evals:
+                continue
+            split = view_config.data.eval_split
+            class_names = records.read_manifest(data_dir, split)["class_names"]
             text_emb = _prompt_embeddings(towers, placed["text_tower"], tokenizer,
                                           text.class_prompts(config.data.prompt, class_names),
                                           where)
-            ctx = _Context(config, split_evals, towers, placed, logit_scale, text_emb,
+            ctx = _Context(view_config, view_evals, towers, placed, logit_scale, text_emb,
                            list(class_names), mesh)
-            metrics, plots = _evaluate_splits(ctx, data_dir, towers.config.vision.image_size)
+            values, view_plots = _evaluate_splits(ctx, data_dir,
+                                                  towers.config.vision.image_size)
+            prefix = f"{name}/" if name else ""
+            metrics.update({prefix + k: v for k, v in values.items()})
+            for kind, entries in view_plots.items():
+                plots.setdefault(kind, {}).update(
+                    {f"{name} {label}" if name else label: d for label, d in entries.items()})
         if "anomaly" in evals:
             normal, abnormal = (
                 _prompt_embeddings(towers, placed["text_tower"], tokenizer, list(prompts), where)
