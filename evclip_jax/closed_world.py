@@ -115,6 +115,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     first, last = history[0], history[-1]
     unseen = unseen_ids(config)
     summary = {
+        "objective": config.objective,
         "teacher_image_zeroshot_acc": teacher_metrics["zeroshot/top1"],
         "event_zeroshot_acc_at_init": first["seen/zeroshot/top1"],
         "event_zeroshot_acc": last["seen/zeroshot/top1"],
@@ -167,7 +168,7 @@ def table(summary: dict) -> list[str]:
 def write_report(summary: dict, workdir: Path) -> None:
     curve = summary["unseen_zeroshot_curve"]
     plot = report.plot_curves(
-        {"evclip (this run)": (curve["steps"], curve["top1"], None)},
+        {f"{summary['objective']} (this run)": (curve["steps"], curve["top1"], None)},
         workdir / "unseen_zeroshot.png", ylabel="unseen-class zero-shot top-1",
         chance=summary["chance_heldout_classes"])
     lines = ["# Closed world: transfer to unseen classes", "", *table(summary), "",

@@ -138,13 +138,10 @@ def jit_train_step(train_step, state: TrainState, frozen: dict, classes: jax.Arr
 class Setup:
     """Everything a loop needs to take steps."""
 
-    objective: objectives.Objective
     state: TrainState
     frozen: dict
     classes: jax.Array
     step_fn: Any  # jitted (state, frozen, classes, batch) -> (state, metrics)
-    tx: Any
-    schedule: Any
 
 
 def setup(config, towers: Towers, params: dict, classes, mesh: Mesh, *, total_steps: int,
@@ -166,4 +163,4 @@ def setup(config, towers: Towers, params: dict, classes, mesh: Mesh, *, total_st
     classes = jax.device_put(np.asarray(jax.device_get(classes)), sharding.replicated(mesh))
     train_step = make_train_step(objective, towers, config.loss, tx, schedule, config.seed)
     step_fn = jit_train_step(train_step, state, frozen, classes, mesh)
-    return Setup(objective, state, frozen, classes, step_fn, tx, schedule)
+    return Setup(state, frozen, classes, step_fn)
