@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from evclip_jax import trainer
 from evclip_jax.api import EventCLIP
@@ -186,8 +187,6 @@ def sweep_report(summaries: dict[str, dict], root: Path) -> str:
     """Gathers the jobs of a closed-world sweep ("<job>/seed<k>" -> summary) into
     root/report.md: final numbers as mean +- standard deviation over seeds, and the paper's
     Fig. 4 (unseen-class zero-shot against step, one line per job). Returns the table."""
-    import numpy as np
-
     groups: dict[str, list[dict]] = {}
     for name, summary in summaries.items():
         groups.setdefault(name.split("/")[0], []).append(summary)

@@ -40,7 +40,7 @@ def check_config(config) -> None:
                          f"{jax.device_count()} devices")
     objectives.check_loss_config(objectives.get(config.objective), config.loss)
     embed.check_representation(config.data.representation)
-    runner.parse_evals(config.eval.evals)
+    runner.check_eval_config(config)  # every eval view's settings, before any training
 
 
 def model_config(config) -> CLIPConfig:

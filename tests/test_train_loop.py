@@ -135,6 +135,11 @@ def test_bad_configs_are_refused_before_compute(tmp_path, data_dir):
     assert missing.returncode != 0 and str(tmp_path / "nowhere") in missing.stderr
     assert not (tmp_path / "b" / "checkpoints").exists()
 
+    bad_eval = run(tmp_path / "e", f"--config.data.dir={data_dir}", "--config.eval.query=imgs",
+                   check=False)
+    assert bad_eval.returncode != 0 and "config.eval.query='imgs'" in bad_eval.stderr
+    assert not (tmp_path / "e" / "checkpoints").exists()
+
     no_ckpt = run(tmp_path / "c", "--config.model.allow_random_init=False",
                   f"--config.data.dir={data_dir}", check=False)
     assert no_ckpt.returncode != 0 and "config.model.checkpoint" in no_ckpt.stderr
