@@ -128,6 +128,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.normal_prompts = ("a photo of a normal scene",)
     c.eval.abnormal_prompts = ("a photo of an abnormal event",)
 
+    # A jax.profiler trace of training steps [start_step, start_step + num_steps) in
+    # <workdir>/profile, by process 0: TensorBoard's profile plugin reads it, Perfetto
+    # opens its perfetto_trace.json.gz. num_steps 0: no trace. Steps count from 0; start
+    # after the first steps, which compile.
+    c.profile = ml_collections.ConfigDict({"start_step": 5, "num_steps": 0})
+
     c.debug = ml_collections.ConfigDict()
     c.debug.log_data_order = False  # append each step's labels to workdir/data_order.jsonl
     return c

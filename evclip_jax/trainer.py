@@ -112,6 +112,43 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class StepTrace:
+    """``config.profile``: a jax.profiler trace of steps [start_step, start_step + num_steps)
+    in ``<workdir>/profile`` (an ``.xplane.pb`` for TensorBoard's profile plugin and a
+    ``perfetto_trace.json.gz`` for Perfetto), by process 0 only. Steps are the loop's 0-based
+    ``at``; a run resumed past start_step takes no trace."""
+
+    def __init__(self, profile, log_dir: Path):
+        start, num = int(profile.start_step), int(profile.num_steps)
+        if start < 0 or num < 0:
+            raise ValueError(f"config.profile: start_step={start}, num_steps={num}; expected "
+                             "both >= 0 (num_steps 0: no trace)")
+        self.steps = range(start, start + num) if jax.process_index() == 0 else range(0)
+        self.log_dir, self.active = log_dir, False
+
+    def __enter__(self):
+        return self
+
+    def before_step(self, at: int) -> None:
+        """Starts the trace before step ``at`` reads its batch."""
+        if self.steps and at == self.steps.start:
+            jax.profiler.start_trace(str(self.log_dir), create_perfetto_trace=True)
+            self.active = True
+
+    def after_step(self, at: int, state) -> None:
+        """Ends the trace when ``at`` steps are done and the last traced one has run."""
+        if self.active and at == self.steps.stop:
+            jax.block_until_ready(state)
+            self.__exit__()
+
+    def __exit__(self, *exc):
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            logging.info("profile of steps %d-%d written to %s", self.steps.start,
+                         self.steps.stop - 1, self.log_dir)
+
+
 def flat_config(config, prefix: str = "") -> dict:
     out = {}
     for key, value in config.items():
@@ -140,6 +177,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     check_config(config)
+    trace = StepTrace(config.profile, workdir / "profile")
 
     # Mesh and model.
     mesh = sharding.make_mesh(**config.mesh)
@@ -221,8 +259,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     if start == 0 and config.eval.every_steps:
         evaluate(0)
-    with Preemption() as preempt, jax.set_mesh(mesh):
+    with Preemption() as preempt, trace, jax.set_mesh(mesh):
         while at < total_steps:
+            trace.before_step(at)
             batch = next(batches)
             if order_log is not None:
                 order_log.write(json.dumps({"step": at, "labels": np.asarray(
@@ -233,6 +272,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             at += 1
             samples += config.batch_size
             pending = (metrics, at)
+            trace.after_step(at, state)
             if at % config.log_every_steps == 0 or at == total_steps:
                 history = finite(metrics, at)
                 rate = samples / (time.time() - t0)
