@@ -32,7 +32,7 @@ def _assert_events_equal(got, want):
 
 ROUND_TRIPS = [
     # (file name, format or None, writer kwargs, width, height, max_t)
-    ("a.bin", None, {}, 256, 256, 1 << 23),
+    ("a.bin", None, {}, 256, 240, 1 << 23),  # y = 240 is the .bin overflow marker
     ("a.aedat", None, {}, 128, 128, 1 << 32),
     ("a.npz", None, {}, 640, 480, 1 << 40),
     ("a.npz", "nimagenet_npz", {"layout": "event_data"}, 640, 480, 1 << 40),
@@ -65,7 +65,7 @@ def test_detected_formats(tmp_path):
     for src, fmt, want in (("a.aedat", None, "aedat2"), ("a.h5", None, "h5"),
                            ("a.npz", "nimagenet_npz", "nimagenet_npz")):
         write_events(tmp_path / src, ev, format=fmt)
-        renamed = tmp_path / f"{src}.dat"
+        renamed = tmp_path / f"{src}.events"
         renamed.write_bytes((tmp_path / src).read_bytes())
         assert detect_format(renamed) == want
         _assert_events_equal(read_events(renamed), ev)
@@ -145,7 +145,7 @@ def test_generic_npz_and_h5_group_hand_built(tmp_path):
     path = tmp_path / "g.npz"
     np.savez(path, x=np.array([1.0, 2.0]), y=np.array([3, 4], np.uint8),
              t=np.array([7.0, 9.0]), p=np.array([1, -1]))
-    ev = read_events(path)
+    ev = read_events(path, time_unit="us")
     assert ev.tolist() == [(1, 3, 7, 1), (2, 4, 9, 0)]
 
     h5 = tmp_path / "group.h5"
@@ -232,7 +232,7 @@ def test_empty_streams(tmp_path):
 def test_nan_timestamps(tmp_path):
     path = tmp_path / "nan.npz"
     np.savez(path, x=np.zeros(3), y=np.zeros(3), t=np.array([0.0, np.nan, 2.0]), p=np.ones(3))
-    _raises(path, match="NaN")
+    _raises(path, time_unit="s", match="NaN")
 
 
 def test_decreasing_timestamps(tmp_path):
@@ -300,3 +300,129 @@ def test_writer_validation(tmp_path):
         write_events(tmp_path / "lay.npz", ev, format="nimagenet_npz", layout="columns")
     with pytest.raises(ValueError, match=r"what\.txt.*format"):
         write_events(tmp_path / "what.txt", ev)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timestamps carry a unit (issue 11, bad case 5): floats without one are refused.
+
+
+def test_float_seconds_are_refused_without_a_unit(tmp_path):
+    # The probe's case: 100 events over 0.5 s stored as float seconds.
+    t = np.linspace(0.0, 0.5, 100)
+    path = tmp_path / "seconds.npz"
+    np.savez(path, x=np.zeros(100, np.int32), y=np.zeros(100, np.int32), t=t,
+             p=np.ones(100, np.int8))
+    _raises(path, match=["field 't'", "floating-point", "time_unit="])
+    ev = read_events(path, time_unit="s")
+    np.testing.assert_array_equal(ev["t"], np.round(t * 1e6).astype(np.int64))
+    assert ev["t"][-1] == 500_000 and ev["t"][1] == 5051  # 0.5 s / 99 = 5050.505... us
+
+    # Hand-computed conversions of each unit.
+    cases = [("s", np.array([0.0, 0.000001, 0.123456, 0.5]), [0, 1, 123456, 500000]),
+             ("ms", np.array([0, 3, 7], np.int64), [0, 3000, 7000]),
+             ("ns", np.array([1499, 1500, 2500], np.int64), [1, 2, 3]),  # nearest, halves up
+             ("us", np.array([5.4, 5.6]), [5, 6])]
+    for unit, values, want in cases:
+        n = len(values)
+        p = tmp_path / f"{unit}.npz"
+        np.savez(p, x=np.zeros(n, np.int32), y=np.zeros(n, np.int32), t=values,
+                 p=np.zeros(n, np.int8))
+        assert read_events(p, time_unit=unit)["t"].tolist() == want, unit
+
+
+def test_h5_unit_attribute(tmp_path):
+    def h5_file(name, t, unit=None, attr="unit"):
+        path = tmp_path / name
+        with h5py.File(path, "w") as f:
+            f["x"], f["y"], f["p"] = np.zeros(len(t)), np.zeros(len(t)), np.ones(len(t))
+            f["t"] = t
+            if unit is not None:
+                f["t"].attrs[attr] = unit
+        return path
+
+    # The file's own unit is used without any argument.
+    path = h5_file("s.h5", np.array([0.0, 0.25, 1.5]), "s")
+    assert read_events(path)["t"].tolist() == [0, 250_000, 1_500_000]
+    path = h5_file("ms.h5", np.array([1, 2], np.uint32), "milliseconds", attr="units")
+    assert read_events(path)["t"].tolist() == [1000, 2000]
+    # A float t without a unit attribute is refused, naming the field.
+    _raises(h5_file("bare.h5", np.array([0.0, 0.5])), match=["field 't'", "time_unit="])
+    # An unknown unit names the attribute, the dataset and what was expected.
+    _raises(h5_file("odd.h5", np.array([1, 2]), "fortnight"),
+            match=["attribute 'unit' of dataset 't'", "'fortnight'", "s, ms, us, ns"])
+    # A time_unit that contradicts the file is refused; so is an unknown one.
+    _raises(path, time_unit="s", match=["in ms", "time_unit='s'"])
+    bin_path = tmp_path / "one.bin"
+    bin_path.write_bytes(bytes([1, 1, 0, 0, 9]))
+    _raises(bin_path, time_unit="ns", match=["in us", "time_unit='ns'"])
+    _raises(bin_path, time_unit="weeks", match=["time_unit", "'weeks'"])
+    # Our own h5 files say their unit.
+    ev = _random_events(5, 10, 10, 100)
+    write_events(tmp_path / "ours.h5", ev)
+    with h5py.File(tmp_path / "ours.h5") as f:
+        assert f["t"].attrs["unit"] == "us"
+
+
+# ---------------------------------------------------------------------------------------------
+# The ATIS overflow marker of the .bin format (issue 11, bad case 6).
+
+
+def _authors_bin_reader(data: bytes):
+    """The dataset authors' reader (gorchard/event-Python eventvision.read_dataset, as tonic
+    ports it), event by event: y == 240 adds 2**13 us to its own and every later timestamp,
+    then the markers are dropped."""
+    raw = list(data)
+    rows = [raw[i:i + 5] for i in range(0, len(raw), 5)]
+    ts = [((b2 & 127) << 16) | (b3 << 8) | b4 for _, _, b2, b3, b4 in rows]
+    for i, row in enumerate(rows):
+        if row[1] == 240:
+            for j in range(i, len(ts)):
+                ts[j] += 2**13
+    return [(r[0], r[1], t, r[2] >> 7) for r, t in zip(rows, ts, strict=True)
+            if r[1] != 240]
+
+
+def test_bin_overflow_marker_hand_built(tmp_path):
+    def event(x, y, p, t):
+        return bytes([x, y, (p << 7) | (t >> 16), (t >> 8) & 0xFF, t & 0xFF])
+
+    marker = event(0, 240, 0, 0)
+    data = event(1, 2, 1, 100) + marker + event(3, 4, 0, 50) + marker + event(5, 6, 1, 10)
+    path = tmp_path / "overflow.bin"
+    path.write_bytes(data)
+    ev = read_events(path, sensor_size=(34, 34))  # the marker is no event outside the sensor
+    # Hand-computed: 100; 50 + 8192; 10 + 2 * 8192.
+    assert ev.tolist() == [(1, 2, 100, 1), (3, 4, 8242, 0), (5, 6, 16394, 1)]
+    assert ev.tolist() == _authors_bin_reader(data)
+    # N-Caltech101's "max coordinate + 1" sensor no longer grows to 241 rows.
+    assert int(ev["y"].max()) + 1 == 7
+    # The writer refuses y = 240, which the reader would take for a marker.
+    bad = ev.copy()
+    bad["y"][0] = 240
+    with pytest.raises(ValueError, match=r"again\.bin.*'y'.*\[0, 239\]"):
+        write_events(tmp_path / "again.bin", bad)
+
+
+def test_bin_overflow_marker_matches_authors_reader(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 400
+    rows = np.zeros((n, 5), np.uint8)
+    rows[:, 0] = rng.integers(0, 34, n)
+    rows[:, 1] = np.where(rng.random(n) < 0.05, 240, rng.integers(0, 34, n))
+    t = np.sort(rng.integers(0, 8192, n))  # resets after each marker, as on the sensor
+    rows[:, 2] = (rng.integers(0, 2, n) << 7) | (t >> 16)
+    rows[:, 3], rows[:, 4] = (t >> 8) & 0xFF, t & 0xFF
+    data = rows.tobytes()
+    path = tmp_path / "many.bin"
+    path.write_bytes(data)
+    assert (rows[:, 1] == 240).sum() > 5
+    ev = read_events(path, check_sorted=False)
+    assert ev.tolist() == _authors_bin_reader(data)
+
+
+def test_writer_refuses_read_only_formats(tmp_path):
+    ev = _random_events(5, 10, 10, 100)
+    with pytest.raises(ValueError, match=r"a\.raw.*format"):
+        write_events(tmp_path / "a.raw", ev)
+    with pytest.raises(ValueError, match=r"b\.h5.*'evt'.*read only"):
+        write_events(tmp_path / "b.h5", ev, format="evt")

@@ -1,44 +1,46 @@
-"""Event-camera file readers and writers (N-MNIST/N-Caltech101, N-ImageNet, CIFAR10-DVS, npz, h5).
+"""Event files: the single entry point for reading, whole or in time windows, and writing.
 
-Every reader returns one structured array of ``EVENT_DTYPE`` (x, y uint16; t int64 microseconds;
-p int8 in {0, 1}) so the rest of the code never sees a format. Byte layouts follow
-METHOD.md "Data and splits". Decoding is vectorised: ``np.frombuffer`` on the file bytes and
-bit operations on whole columns, never a Python loop per event.
+``read_events`` and ``iter_event_windows`` read every format: the research datasets' files
+(``dataset_formats``: N-MNIST/N-Caltech101 ``.bin``, CIFAR10-DVS AEDAT 2.0, N-ImageNet and generic
+npz) and camera recordings (``camera_formats``: AEDAT4, Prophesee RAW and DAT, HDF5 in the plain,
+DSEC or Prophesee layouts). Both return ``EVENT_DTYPE`` arrays built by ``event_array``.
+``write_events`` writes the research formats.
 """
 
 from __future__ import annotations
 
 import os
-import zipfile
-from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 
-EVENT_DTYPE = np.dtype([("x", "<u2"), ("y", "<u2"), ("t", "<i8"), ("p", "i1")])
-
-FORMATS = ("bin", "nimagenet_npz", "aedat2", "npz", "h5")
-NIMAGENET_LAYOUTS = ("event_data", "x_pos")
-
-_EVENT_FIELDS = ("x", "y", "t", "p")
-# N-ImageNet's second key layout, in (x, y, t, p) order.
-_NIMAGENET_POS_KEYS = ("x_pos", "y_pos", "timestamp", "polarity")
-_EXTENSIONS = {".bin": "bin", ".aedat": "aedat2", ".aedat2": "aedat2", ".npz": "npz",
-               ".h5": "h5", ".hdf5": "h5"}
-_AEDAT2_HEADER = (
-    b"#!AER-DAT2.0\r\n"
-    b"# This is a raw AE data file created by evclip_jax\r\n"
-    b"# Data format is int32 address, int32 timestamp (8 bytes total), big-endian\r\n"
-    b"# Timestamps tick is 1 us\r\n"
+from evclip_jax.events import camera_formats, dataset_formats
+from evclip_jax.events.camera_formats import Recording
+from evclip_jax.events.dataset_formats import FORMATS, write_events
+from evclip_jax.events.event_array import (
+    EVENT_DTYPE,
+    EventFileError,
+    PathLike,
+    canonical_time_unit,
+    check_sensor,
+    event_array,
+    timestamps_us,
 )
-_BIN_MAX_T = 1 << 23  # 23-bit timestamp field of the .bin format.
-_AEDAT_MAX_T = 1 << 32
 
+__all__ = [
+    "CAMERA_FORMATS",
+    "EVENT_DTYPE",
+    "FORMATS",
+    "EventFileError",
+    "detect_format",
+    "iter_event_windows",
+    "read_events",
+    "read_sensor_size",
+    "write_events",
+]
 
-class EventFileError(ValueError):
-    """A file that cannot be read as events; the message starts with the path."""
-
-
-PathLike = str | os.PathLike
+CAMERA_FORMATS = camera_formats.FORMATS
+_EXTENSIONS = {**dataset_formats.EXTENSIONS, **camera_formats.EXTENSIONS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,17 +52,21 @@ def read_events(
     format: str | None = None,
     *,
     sensor_size: tuple[int, int] | None = None,
+    time_unit: str | None = None,
     check_sorted: bool = True,
     allow_empty: bool = False,
 ) -> np.ndarray:
-    """Reads an event file into a 1-D array of ``EVENT_DTYPE``.
+    """Reads a whole event file into a 1-D array of ``EVENT_DTYPE``.
 
     Args:
       path: the file.
-      format: one of ``FORMATS``; None picks it from the extension, or from the file's magic
-        bytes when the extension is unknown. A ``.npz`` holding ``event_data`` or ``x_pos`` keys
-        is read as N-ImageNet, any other ``.npz`` as generic (keys x, y, t, p).
-      sensor_size: optional (H, W); raises if any x >= W or y >= H.
+      format: one of ``FORMATS + CAMERA_FORMATS``; None picks it from the extension, or from the
+        file's magic bytes when the extension is unknown. A ``.npz`` holding ``event_data`` or
+        ``x_pos`` keys is read as N-ImageNet, any other ``.npz`` as generic (keys x, y, t, p).
+      sensor_size: optional (H, W); raises if any x >= W or y >= H, or if the file's header gives
+        another size. None checks against the header's size where there is one.
+      time_unit: unit of the stored timestamps ("s", "ms", "us", "ns") for files that do not
+        give one; integers default to microseconds, floats without a unit are refused.
       check_sorted: raise if timestamps ever decrease (windows of K consecutive events assume
         time order; all supported datasets store events sorted).
       allow_empty: return a zero-length array for a file holding no events instead of raising.
@@ -69,384 +75,154 @@ def read_events(
       Structured array with fields x, y (uint16), t (int64 microseconds), p (int8, 1 = ON).
     """
     path = os.fspath(path)
-    fmt = _check_format_name(format, path) if format is not None else detect_format(path)
-    if fmt == "bin":
-        columns = _read_bin(path)
-    elif fmt == "aedat2":
-        columns = _read_aedat2(path)
-    elif fmt in ("npz", "nimagenet_npz"):
-        columns = _read_npz(path, nimagenet=(fmt == "nimagenet_npz"))
-    else:
-        columns = _read_h5(path)
-    return _assemble(path, *columns, sensor_size=sensor_size, check_sorted=check_sorted,
-                     allow_empty=allow_empty)
+    parts = list(_event_chunks(path, format, sensor_size, time_unit, check_sorted))
+    ev = np.concatenate(parts) if parts else np.zeros(0, EVENT_DTYPE)
+    if len(ev) == 0 and not allow_empty:
+        raise EventFileError(f"{path}: the file holds no events (pass allow_empty=True to "
+                             "accept empty streams)")
+    return ev
+
+
+def iter_event_windows(
+    path: PathLike,
+    window_us: int,
+    format: str | None = None,
+    *,
+    sensor_size: tuple[int, int] | None = None,
+    time_unit: str | None = None,
+) -> Iterator[np.ndarray]:
+    """Reads an event file in consecutive time windows, without loading it whole.
+
+    The k-th array holds the events with ``t0 + k * window_us <= t < t0 + (k + 1) * window_us``,
+    where t0 is the first event's timestamp; windows without events are yielded empty, so k
+    always maps to the same time span. Camera recordings and HDF5 files are decoded packet by
+    packet, so memory holds one packet plus one window; the small research formats are read
+    whole first. Arguments as in ``read_events``; timestamps must not decrease.
+    """
+    if isinstance(window_us, bool) or not isinstance(window_us, (int, np.integer)) \
+            or window_us <= 0:
+        raise ValueError(f"{os.fspath(path)}: window_us must be a positive integer number of "
+                         f"microseconds; got {window_us!r}")
+    w = int(window_us)
+    start = None
+    k = 0  # index of the window the pending parts belong to
+    pending: list[np.ndarray] = []
+    for ev in _event_chunks(os.fspath(path), format, sensor_size, time_unit, True):
+        if len(ev) == 0:
+            continue
+        t = ev["t"]
+        if start is None:
+            start = int(t[0])
+        last_k = (int(t[-1]) - start) // w
+        if last_k > k:
+            cuts = np.searchsorted(t, start + np.arange(k + 1, last_k + 1) * w, side="left")
+            prev = 0
+            for cut in cuts:
+                pending.append(ev[prev:cut])
+                yield np.concatenate(pending)
+                pending, prev = [], int(cut)
+            ev = ev[prev:]
+            k = last_k
+        pending.append(ev)
+    if start is not None:
+        yield np.concatenate(pending)
+
+
+def read_sensor_size(path: PathLike, format: str | None = None) -> tuple[int, int] | None:
+    """The (H, W) sensor size the file's header gives (AEDAT4, RAW, DAT, Prophesee HDF5), else
+    None (the research formats and DSEC store none); reads the header only."""
+    path = os.fspath(path)
+    return _open(path, _check_format_name(format, path) if format else detect_format(path)) \
+        .sensor_size
 
 
 def detect_format(path: PathLike) -> str:
     """Returns the format name of an event file from its extension, else its magic bytes."""
     path = os.fspath(path)
-    fmt = _EXTENSIONS.get(os.path.splitext(path)[1].lower())
-    if fmt is None:
+    ext = os.path.splitext(path)[1].lower()
+    fmt = _EXTENSIONS.get(ext)
+    if fmt is None or ext == ".aedat":  # .aedat is AEDAT 2.0 unless it starts as AEDAT4
         with open(path, "rb") as f:
-            head = f.read(16)
-        if head.startswith(b"#!AER-DAT"):
+            head = f.read(512)
+        if head.startswith(camera_formats.AEDAT4_MAGIC):
+            fmt = "aedat4"
+        elif fmt is not None:
+            pass
+        elif head.startswith(b"#!AER-DAT"):
             fmt = "aedat2"
         elif head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
             fmt = "npz"
         elif head.startswith(b"\x89HDF\r\n\x1a\n"):
             fmt = "h5"
+        elif head.startswith(b"% ") and (b"\n% evt " in head or b"\n% format EVT" in head
+                                         or head.startswith((b"% evt ", b"% format EVT"))):
+            fmt = "evt"
+        elif head.startswith(b"% "):
+            fmt = "dat"
         else:
             raise EventFileError(
                 f"{path}: cannot tell the event format from the extension or the first bytes "
-                f"{head[:8]!r}; pass format= one of {', '.join(FORMATS)}")
+                f"{head[:8]!r}; pass format= one of {', '.join(FORMATS + CAMERA_FORMATS)}")
     if fmt == "npz":
-        fmt = "nimagenet_npz" if _npz_is_nimagenet(path) else "npz"
+        fmt = "nimagenet_npz" if dataset_formats.npz_is_nimagenet(path) else "npz"
     return fmt
 
 
-def _read_bin(path: str) -> tuple[np.ndarray, ...]:
-    """N-MNIST / N-Caltech101: 5 bytes per event, big-endian bit fields (METHOD.md)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) % 5:
-        raise EventFileError(
-            f"{path}: .bin event file length {len(data)} bytes is not a multiple of 5 "
-            f"(5 bytes per event); the file is truncated or not N-MNIST/N-Caltech101 format")
-    raw = np.frombuffer(data, dtype=np.uint8).reshape(-1, 5)
-    x = raw[:, 0]
-    y = raw[:, 1]
-    p = raw[:, 2] >> 7
-    t = ((raw[:, 2].astype(np.int64) & 0x7F) << 16) | (raw[:, 3].astype(np.int64) << 8) | raw[:, 4]
-    return x, y, t, p
-
-
-def _read_aedat2(path: str) -> tuple[np.ndarray, ...]:
-    """CIFAR10-DVS AEDAT 2.0: '#' header lines, then big-endian uint32 (address, timestamp)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    pos = 0
-    # Header lines are few; this loop runs per header line, never per event.
-    while pos < len(data) and data[pos:pos + 1] == b"#":
-        end = data.find(b"\n", pos)
-        if end < 0:
-            raise EventFileError(f"{path}: AEDAT header line at byte {pos} has no line end")
-        line = data[pos:end].strip()
-        if line.startswith(b"#!AER-DAT") and not line[len(b"#!AER-DAT"):].startswith(b"2"):
-            raise EventFileError(
-                f"{path}: AEDAT version {line[len(b'#!AER-DAT'):].decode(errors='replace')} is "
-                f"not supported; expected AEDAT 2.0 ('#!AER-DAT2.0')")
-        pos = end + 1
-    payload = len(data) - pos
-    if payload % 8:
-        raise EventFileError(
-            f"{path}: AEDAT 2.0 payload of {payload} bytes after the header is not a multiple of "
-            f"8 (uint32 address + uint32 timestamp per event); the file is truncated")
-    pairs = np.frombuffer(data, dtype=">u4", offset=pos).reshape(-1, 2)
-    addr = pairs[:, 0]
-    x = (addr & 0xFE) >> 1
-    y = (addr & 0x7F00) >> 8
-    p = addr & 1
-    t = pairs[:, 1].astype(np.int64)
-    return x, y, t, p
-
-
-def _open_npz(path: str) -> Any:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise EventFileError(f"{path}: not a readable .npz archive ({e})") from e
-
-
-def _npz_is_nimagenet(path: str) -> bool:
-    with _open_npz(path) as z:
-        keys = set(z.files)
-    return "event_data" in keys or "x_pos" in keys
-
-
-def _read_npz(path: str, nimagenet: bool) -> tuple[np.ndarray, ...]:
-    """Generic npz (keys x, y, t, p) or N-ImageNet (``event_data`` or x_pos/... keys)."""
-    with _open_npz(path) as z:
-        keys = list(z.files)
-        try:
-            if nimagenet and "event_data" in keys:
-                data = z["event_data"]
-                found = list(data.dtype.names or ())
-                missing = [k for k in _EVENT_FIELDS if k not in found]
-                if missing:
-                    raise EventFileError(
-                        f"{path}: N-ImageNet 'event_data' lacks fields {missing}; expected a "
-                        f"structured array with fields x, y, t, p; found fields {found}")
-                return tuple(np.asarray(data[k]) for k in _EVENT_FIELDS)
-            names = _NIMAGENET_POS_KEYS if nimagenet else _EVENT_FIELDS
-            missing = [k for k in names if k not in keys]
-            if missing:
-                what = ("N-ImageNet keys 'event_data' or x_pos, y_pos, timestamp, polarity"
-                        if nimagenet else "keys x, y, t, p")
-                raise EventFileError(
-                    f"{path}: missing keys {missing}; expected {what}; found keys {keys}")
-            return tuple(np.asarray(z[k]) for k in names)
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise EventFileError(f"{path}: corrupt .npz member ({e})") from e
-        except ValueError as e:
-            if isinstance(e, EventFileError):
-                raise
-            raise EventFileError(f"{path}: corrupt or unsupported .npz member ({e})") from e
-
-
-def _import_h5py() -> Any:
-    try:
-        import h5py
-    except ImportError as e:  # pragma: no cover - h5py is a project dependency
-        raise ImportError("reading/writing .h5 event files needs h5py (pip install h5py)") from e
-    return h5py
-
-
-def _read_h5(path: str) -> tuple[np.ndarray, ...]:
-    """HDF5 with datasets x, y, t, p at the root or inside a group ``events``."""
-    h5py = _import_h5py()
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise EventFileError(f"{path}: not a readable HDF5 file ({e})") from e
-    with f:
-        root_keys = list(f.keys())
-        group = f
-        if not all(k in f for k in _EVENT_FIELDS) and isinstance(f.get("events"), h5py.Group):
-            group = f["events"]
-        missing = [k for k in _EVENT_FIELDS
-                   if k not in group or not isinstance(group[k], h5py.Dataset)]
-        if missing:
-            found = root_keys if group is f else root_keys + [f"events/{k}" for k in group]
-            raise EventFileError(
-                f"{path}: missing datasets {missing}; expected datasets x, y, t, p at the root "
-                f"or in a group 'events'; found {found}")
-        return tuple(np.asarray(group[k][()]) for k in _EVENT_FIELDS)
-
-
-def _as_int_column(path: str, name: str, a: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """Checks one coordinate column is integral and within [lo, hi]; returns it as int64."""
-    a = np.asarray(a)
-    if a.dtype.kind == "b":
-        a = a.astype(np.int64)
-    if a.dtype.kind not in "iuf":
-        raise EventFileError(f"{path}: field '{name}' has dtype {a.dtype}; expected numbers")
-    if a.dtype.kind == "f":
-        if not np.all(np.isfinite(a)):
-            raise EventFileError(f"{path}: field '{name}' contains NaN or infinite values")
-        if not np.array_equal(a, np.round(a)):
-            raise EventFileError(f"{path}: field '{name}' holds non-integer values; expected "
-                                 "integer pixel coordinates")
-    if a.size:
-        amin, amax = a.min(), a.max()
-        if amin < lo or amax > hi:
-            raise EventFileError(
-                f"{path}: field '{name}' ranges over [{amin}, {amax}]; expected values in "
-                f"[{lo}, {hi}]")
-    return a.astype(np.int64, copy=False)
-
-
-def _assemble(
-    path: str,
-    x: np.ndarray,
-    y: np.ndarray,
-    t: np.ndarray,
-    p: np.ndarray,
-    *,
-    sensor_size: tuple[int, int] | None,
-    check_sorted: bool,
-    allow_empty: bool,
-) -> np.ndarray:
-    """Validates decoded columns and packs them into an ``EVENT_DTYPE`` array."""
-    cols = {"x": np.asarray(x), "y": np.asarray(y), "t": np.asarray(t), "p": np.asarray(p)}
-    for name, col in cols.items():
-        if col.ndim != 1:
-            raise EventFileError(f"{path}: field '{name}' has shape {col.shape}; expected 1-D")
-    lengths = {name: len(col) for name, col in cols.items()}
-    if len(set(lengths.values())) != 1:
-        raise EventFileError(f"{path}: fields have different lengths {lengths}; expected equal")
-    n = lengths["x"]
-    if n == 0 and not allow_empty:
-        raise EventFileError(f"{path}: the file holds no events (pass allow_empty=True to "
-                             "accept empty streams)")
-
-    xs = _as_int_column(path, "x", cols["x"], 0, np.iinfo(np.uint16).max)
-    ys = _as_int_column(path, "y", cols["y"], 0, np.iinfo(np.uint16).max)
-
-    t = cols["t"]
-    if t.dtype.kind == "f":
-        # Float timestamps are taken as microseconds, like every supported format.
-        if np.isnan(t).any():
-            raise EventFileError(f"{path}: timestamps contain NaN at event "
-                                 f"{int(np.flatnonzero(np.isnan(t))[0])}")
-        if not np.all(np.isfinite(t)):
-            raise EventFileError(f"{path}: timestamps contain infinite values")
-        t = np.round(t).astype(np.int64)
-    elif t.dtype.kind in "iu":
-        if t.dtype == np.uint64 and t.size and t.max() > np.iinfo(np.int64).max:
-            raise EventFileError(f"{path}: timestamps exceed the int64 range")
-        t = t.astype(np.int64, copy=False)
-    else:
-        raise EventFileError(f"{path}: field 't' has dtype {t.dtype}; expected numbers")
-    if check_sorted and n > 1:
-        dec = np.flatnonzero(np.diff(t) < 0)
-        if dec.size:
-            i = int(dec[0])
-            raise EventFileError(
-                f"{path}: timestamps decrease at event {i + 1} ({t[i]} -> {t[i + 1]} us); "
-                f"expected non-decreasing time order (pass check_sorted=False to accept)")
-
-    p = cols["p"]
-    if p.dtype.kind == "b":
-        p = p.astype(np.int8)
-    elif p.dtype.kind not in "iuf":
-        raise EventFileError(f"{path}: field 'p' has dtype {p.dtype}; expected numbers")
-    if n:
-        pmin, pmax = p.min(), p.max()
-        zero_one = pmin >= 0 and pmax <= 1
-        signed = pmin >= -1 and pmax <= 1 and not np.any(p == 0)
-        integral = p.dtype.kind != "f" or np.array_equal(p, np.round(p))
-        if not integral or not (zero_one or signed):
-            raise EventFileError(
-                f"{path}: polarity ranges over [{pmin}, {pmax}]; expected values in {{0, 1}} or "
-                f"{{-1, 1}}")
-    p = (p > 0).astype(np.int8)
-
+def _event_chunks(path: str, format: str | None, sensor_size: tuple[int, int] | None,
+                  time_unit: str | None, check_sorted: bool) -> Iterator[np.ndarray]:
+    """The file's events as validated ``EVENT_DTYPE`` chunks, in file order."""
+    fmt = _check_format_name(format, path) if format is not None else detect_format(path)
+    recording = _open(path, fmt)
+    unit = recording.time_unit
+    if time_unit is not None:
+        wanted = canonical_time_unit(time_unit, f"{path}: time_unit")
+        if unit is not None and unit != wanted:
+            raise EventFileError(f"{path}: the file gives timestamps in {unit}, but "
+                                 f"time_unit={time_unit!r} was passed")
+        unit = wanted
+    sensor = recording.sensor_size
     if sensor_size is not None:
-        _check_sensor(path, xs, ys, sensor_size)
+        wanted_size = tuple(int(s) for s in sensor_size)
+        if sensor is not None and sensor != wanted_size:
+            raise EventFileError(f"{path}: the header gives sensor (H, W) = {sensor}, but "
+                                 f"sensor_size={tuple(sensor_size)} was passed")
+        sensor = wanted_size
+    seen, last_t = 0, None
+    for x, y, t, p in recording.chunks:
+        ev = event_array(path, x, y, timestamps_us(path, t, unit), p)
+        if check_sorted and len(ev):
+            t_us = ev["t"] if last_t is None else np.concatenate([[last_t], ev["t"]])
+            dec = np.flatnonzero(np.diff(t_us) < 0)
+            if dec.size:
+                i = int(dec[0])
+                raise EventFileError(
+                    f"{path}: timestamps decrease at event {seen + i + (last_t is None)} "
+                    f"({t_us[i]} -> {t_us[i + 1]} us); expected non-decreasing time order "
+                    f"(pass check_sorted=False to accept)")
+        if sensor is not None:
+            check_sensor(path, ev, sensor)
+        seen += len(ev)
+        if len(ev):
+            last_t = int(ev["t"][-1])
+        yield ev
 
-    out = np.empty(n, dtype=EVENT_DTYPE)
-    out["x"] = xs
-    out["y"] = ys
-    out["t"] = t
-    out["p"] = p
-    return out
 
-
-def _check_sensor(path: str, x: np.ndarray, y: np.ndarray, sensor_size: tuple[int, int]) -> None:
-    height, width = (int(s) for s in sensor_size)
-    if x.size == 0:
-        return
-    xmax, ymax = int(x.max()), int(y.max())
-    if xmax >= width or ymax >= height:
-        raise EventFileError(
-            f"{path}: coordinates outside the sensor: max x = {xmax}, max y = {ymax}; expected "
-            f"x < {width} and y < {height} for sensor_size (H, W) = ({height}, {width})")
+def _open(path: str, fmt: str) -> Recording:
+    """What the file's header says, and its columns; camera formats decode them lazily."""
+    if fmt == "bin":
+        return Recording(None, "us", iter([dataset_formats.read_bin(path)]))
+    if fmt == "aedat2":
+        return Recording(None, "us", iter([dataset_formats.read_aedat2(path)]))
+    if fmt in ("npz", "nimagenet_npz"):
+        columns = dataset_formats.read_npz(path, nimagenet=(fmt == "nimagenet_npz"))
+        return Recording(None, None, iter([columns]))
+    opener = {"h5": camera_formats.open_hdf5, "aedat4": camera_formats.open_aedat4,
+              "evt": camera_formats.open_evt, "dat": camera_formats.open_dat}[fmt]
+    return opener(path)
 
 
 def _check_format_name(format: str, path: str) -> str:
-    if format not in FORMATS:
+    if format not in FORMATS + CAMERA_FORMATS:
         raise ValueError(f"{path}: unknown event format {format!r}; expected one of "
-                         f"{', '.join(FORMATS)}")
+                         f"{', '.join(FORMATS + CAMERA_FORMATS)}")
     return format
-
-
-# --------------------------------------------------------------------------------------------
-# Writing.
-
-
-def write_events(
-    path: PathLike,
-    ev: np.ndarray,
-    format: str | None = None,
-    *,
-    layout: str | None = None,
-) -> None:
-    """Writes events (a structured array with fields x, y, t, p) in one of ``FORMATS``.
-
-    Args:
-      path: the output file.
-      ev: structured array with integer fields x, y, t (microseconds) and p in {0, 1}.
-      format: one of ``FORMATS``; None picks it from the extension (``.npz`` -> generic npz).
-      layout: only for ``nimagenet_npz``: ``"event_data"`` (default, one structured array) or
-        ``"x_pos"`` (keys x_pos, y_pos, timestamp, polarity).
-
-    Raises ValueError (naming the path and field) when a value does not fit the format,
-    e.g. ``.bin`` needs x, y < 256 and 0 <= t < 2**23.
-    """
-    path = os.fspath(path)
-    if format is None:
-        format = _EXTENSIONS.get(os.path.splitext(path)[1].lower())
-        if format is None:
-            raise ValueError(f"{path}: cannot tell the event format from the extension; pass "
-                             f"format= one of {', '.join(FORMATS)}")
-    fmt = _check_format_name(format, path)
-    if layout is not None and fmt != "nimagenet_npz":
-        raise ValueError(f"{path}: layout= applies only to format 'nimagenet_npz', not {fmt!r}")
-    ev = _coerce_events(path, ev)
-
-    if fmt == "bin":
-        _check_range(path, ev, "x", 0, 255, "bin")
-        _check_range(path, ev, "y", 0, 255, "bin")
-        _check_range(path, ev, "t", 0, _BIN_MAX_T - 1, "bin")
-        t = ev["t"]
-        raw = np.empty((len(ev), 5), dtype=np.uint8)
-        raw[:, 0] = ev["x"]
-        raw[:, 1] = ev["y"]
-        raw[:, 2] = (ev["p"].astype(np.int64) << 7) | ((t >> 16) & 0x7F)
-        raw[:, 3] = (t >> 8) & 0xFF
-        raw[:, 4] = t & 0xFF
-        with open(path, "wb") as f:
-            f.write(raw.tobytes())
-    elif fmt == "aedat2":
-        _check_range(path, ev, "x", 0, 127, "aedat2")
-        _check_range(path, ev, "y", 0, 127, "aedat2")
-        _check_range(path, ev, "t", 0, _AEDAT_MAX_T - 1, "aedat2")
-        pairs = np.empty((len(ev), 2), dtype=">u4")
-        pairs[:, 0] = (ev["y"].astype(np.uint32) << 8) | (ev["x"].astype(np.uint32) << 1) \
-            | ev["p"].astype(np.uint32)
-        pairs[:, 1] = ev["t"]
-        with open(path, "wb") as f:
-            f.write(_AEDAT2_HEADER)
-            f.write(pairs.tobytes())
-    elif fmt == "nimagenet_npz":
-        layout = "event_data" if layout is None else layout
-        if layout not in NIMAGENET_LAYOUTS:
-            raise ValueError(f"{path}: unknown N-ImageNet layout {layout!r}; expected one of "
-                             f"{', '.join(NIMAGENET_LAYOUTS)}")
-        with open(path, "wb") as f:  # a file object keeps np.savez from renaming the path
-            if layout == "event_data":
-                np.savez_compressed(f, event_data=ev)
-            else:
-                np.savez_compressed(f, x_pos=ev["x"], y_pos=ev["y"], timestamp=ev["t"],
-                                    polarity=ev["p"])
-    elif fmt == "npz":
-        with open(path, "wb") as f:
-            np.savez_compressed(f, **{k: ev[k] for k in _EVENT_FIELDS})
-    else:
-        h5py = _import_h5py()
-        with h5py.File(path, "w") as f:
-            for k in _EVENT_FIELDS:
-                f.create_dataset(k, data=ev[k])
-
-
-def _coerce_events(path: str, ev: np.ndarray) -> np.ndarray:
-    """Checks a structured event array and converts it to ``EVENT_DTYPE``."""
-    ev = np.asarray(ev)
-    names = ev.dtype.names
-    if names is None or any(k not in names for k in _EVENT_FIELDS):
-        raise ValueError(f"{path}: events to write must be a structured array with fields "
-                         f"x, y, t, p; got dtype {ev.dtype}")
-    if ev.ndim != 1:
-        raise ValueError(f"{path}: events to write must be 1-D; got shape {ev.shape}")
-    for k in _EVENT_FIELDS:
-        if ev.dtype[k].kind not in "iub":
-            raise ValueError(f"{path}: field '{k}' has dtype {ev.dtype[k]}; expected integers")
-    if len(ev):
-        for k, hi in (("x", 65535), ("y", 65535), ("p", 1)):
-            lo_v, hi_v = int(ev[k].min()), int(ev[k].max())
-            if lo_v < 0 or hi_v > hi:
-                raise ValueError(f"{path}: field '{k}' ranges over [{lo_v}, {hi_v}]; expected "
-                                 f"values in [0, {hi}]")
-    out = np.empty(len(ev), dtype=EVENT_DTYPE)
-    for k in _EVENT_FIELDS:
-        out[k] = ev[k]
-    return out
-
-
-def _check_range(path: str, ev: np.ndarray, name: str, lo: int, hi: int, fmt: str) -> None:
-    if len(ev) == 0:
-        return
-    vmin, vmax = int(ev[name].min()), int(ev[name].max())
-    if vmin < lo or vmax > hi:
-        raise ValueError(f"{path}: field '{name}' ranges over [{vmin}, {vmax}]; format {fmt!r} "
-                         f"needs values in [{lo}, {hi}]")
