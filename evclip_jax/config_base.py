@@ -127,6 +127,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.anomaly_videos = ()
     c.eval.normal_prompts = ("a photo of a normal scene",)
     c.eval.abnormal_prompts = ("a photo of an abnormal event",)
+    # Video anomaly sets as records (tools/video_to_events.py --format tfrecords): splits of
+    # data.dir, labels 0 normal / 1 anomalous, one AUC each beside those of anomaly_videos.
+    c.eval.anomaly_splits = ()
+    # Five-modality retrieval (paper Sec. 4.4, evaluator "modalities"): event queries against
+    # image and text keys from our towers and one "name=path" per modality the user brings:
+    # .npz {embeddings [n, D], labels [n], optional class_names} or .npy + <stem>_labels.npy.
+    c.eval.modalities = ()
+
+    # The single linear layer from our CLIP space into the space of the user's modality files
+    # (adapter.py; the paper's adapter to ImageBind). With pairs set, --mode eval fits it and
+    # writes <model dir>/adapter.npz; later runs read it from there.
+    c.adapter = ml_collections.ConfigDict()
+    c.adapter.pairs = ""  # .npz: source [n, D] (our image embeddings), target [n, D']
+    # The paper names the layer, not its fit: "lstsq" (closed form) | "contrastive" (InfoNCE).
+    c.adapter.fit = "lstsq"
+    c.adapter.bias = True
+    c.adapter.steps = 500  # contrastive: Adam steps, pairs per batch, lr and temperature
+    c.adapter.batch_size = 256
+    c.adapter.lr = 1e-2
+    c.adapter.temperature = 0.07
 
     # A jax.profiler trace of training steps [start_step, start_step + num_steps) in
     # <workdir>/profile, by process 0: TensorBoard's profile plugin reads it, Perfetto
