@@ -117,10 +117,8 @@ class _EventBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager
                           ) -> dict[str, Iterator[tuple[int, dict]]]:
+        # TFDS refuses a missing or empty manual_dir, quoting MANUAL_DOWNLOAD_INSTRUCTIONS.
         manual_dir = epath.Path(dl_manager.manual_dir)
-        if not manual_dir.exists():
-            raise ValueError(f"{manual_dir}: manual_dir does not exist; expected the layout in "
-                             f"{type(self).__name__}.MANUAL_DOWNLOAD_INSTRUCTIONS")
         splits = self._split_items(manual_dir)
         names = {split: names for split, (_, names) in splits.items()}
         first = next(iter(names.values()))
