@@ -168,10 +168,10 @@ def open_evt(path: str) -> Recording:
     if payload % word:
         raise EventFileError(f"{path}: {version.upper()} data of {payload} bytes is not a "
                              f"multiple of its {word}-byte words; the file is truncated")
-    extension = require("faery.extension", "prophesee", path, "Prophesee RAW files")
     dims = _NO_SENSOR_LIMIT if sensor is None else (sensor[1], sensor[0])
 
     def chunks() -> Iterator[Columns]:
+        extension = require("faery.extension", "prophesee", path, "Prophesee RAW files")
         try:
             with extension.evt.Decoder(path, dims, version) as decoder:
                 for packet in decoder:
@@ -212,10 +212,10 @@ def open_dat(path: str) -> Recording:
     if payload % _DAT_EVENT_BYTES:
         raise EventFileError(f"{path}: DAT data of {payload} bytes is not a multiple of "
                              f"{_DAT_EVENT_BYTES} bytes per event; the file is truncated")
-    extension = require("faery.extension", "prophesee", path, "Prophesee DAT files")
     dims = _NO_SENSOR_LIMIT if sensor is None else (sensor[1], sensor[0])
 
     def chunks() -> Iterator[Columns]:
+        extension = require("faery.extension", "prophesee", path, "Prophesee DAT files")
         try:
             with extension.dat.Decoder(path, dims, _DAT_VERSIONS[version]) as decoder:
                 for ev in decoder:
