@@ -331,7 +331,10 @@ def test_wrong_headers(tmp_path):
     payload = _evt3(0x8000 | 1, 0x6000 | 5, 0x0000 | 3, 0x2000 | 2)
     path = tmp_path / "v4.raw"
     path.write_bytes(b"% evt 4.0\n% end\n" + payload)
-    _raises(path, ["'evt 4.0'", "expected EVT version 2.0, 2.1, 3.0"])
+    _raises(path, ["'evt 4.0'", "expected EVT version 2.0, 3.0"])
+    path = tmp_path / "v21.raw"
+    path.write_bytes(b"% format EVT21;height=4;width=8\n% end\n" + payload)
+    _raises(path, ["'format EVT21'", "expected one of EVT2, EVT3"])
     path = tmp_path / "noversion.raw"
     path.write_bytes(b"% geometry 346x260\n% end\n" + payload)
     _raises(path, ["no EVT version", "'% evt 3.0'"])

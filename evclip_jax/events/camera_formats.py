@@ -1,5 +1,5 @@
 """Readers for recordings written by event cameras' software: AEDAT4 (iniVation), Prophesee RAW
-(EVT 2.0 / 2.1 / 3.0) and DAT, and HDF5 (DSEC, Prophesee and plain x/y/t/p layouts).
+(EVT 2.0 / 3.0) and DAT, and HDF5 (DSEC, Prophesee and plain x/y/t/p layouts).
 
 Each ``open_*`` reads only the header (sensor size, time unit) and returns a ``Recording`` whose
 chunks are decoded lazily, packet by packet, so a recording larger than memory can be read in
@@ -26,9 +26,10 @@ EXTENSIONS = {".aedat4": "aedat4", ".raw": "evt", ".dat": "dat"}
 Columns = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x, y, t, p as decoded
 
 AEDAT4_MAGIC = b"#!AER-DAT4.0\r\n"
-_EVT_VERSIONS = {"2.0": "evt2", "2.1": "evt2.1", "3.0": "evt3"}
-_EVT_FORMAT_NAMES = {"EVT2": "evt2", "EVT21": "evt2.1", "EVT3": "evt3"}
-_EVT_WORD_BYTES = {"evt2": 4, "evt2.1": 8, "evt3": 2}
+# EVT 2.1 is left out: faery 0.7 does not implement it.
+_EVT_VERSIONS = {"2.0": "evt2", "3.0": "evt3"}
+_EVT_FORMAT_NAMES = {"EVT2": "evt2", "EVT3": "evt3"}
+_EVT_WORD_BYTES = {"evt2": 4, "evt3": 2}
 _DAT_VERSIONS = {"1": "dat1", "2": "dat2"}
 _DAT_EVENT_TYPES = {0: "Event2D", 12: "EventCD"}  # the DAT type byte; both are 8 bytes
 _DAT_EVENT_BYTES = 8
@@ -146,7 +147,7 @@ def _evt_header(path: str) -> tuple[str, tuple[int, int] | None, int]:
     if version is None:
         raise EventFileError(
             f"{path}: the header gives no EVT version; expected a Prophesee RAW header with a "
-            f"line '% evt 2.0', '% evt 2.1' or '% evt 3.0' (or '% format EVT3;...')")
+            f"line '% evt 2.0' or '% evt 3.0' (or '% format EVT3;...')")
     return version, _header_size(path, width, height), offset
 
 
@@ -161,7 +162,7 @@ def _header_size(path: str, width: Any, height: Any) -> tuple[int, int] | None:
 
 
 def open_evt(path: str) -> Recording:
-    """Prophesee RAW (EVT 2.0 / 2.1 / 3.0, from the header) through faery; t in microseconds."""
+    """Prophesee RAW (EVT 2.0 or 3.0, from the header) through faery; t in microseconds."""
     version, sensor, offset = _evt_header(path)
     word = _EVT_WORD_BYTES[version]
     payload = _payload_bytes(path, offset)
