@@ -426,3 +426,24 @@ def test_writer_refuses_read_only_formats(tmp_path):
         write_events(tmp_path / "a.raw", ev)
     with pytest.raises(ValueError, match=r"b\.h5.*'evt'.*read only"):
         write_events(tmp_path / "b.h5", ev, format="evt")
+
+
+class _Tripwire:
+    """Unpickling this writes a file: proof that a reader executed pickle."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_npz_pickle_is_never_executed(tmp_path):
+    tripwire = tmp_path / "pickle_ran"
+    path = tmp_path / "evil.npz"
+    t = np.array([_Tripwire(str(tripwire)), 1], dtype=object)
+    np.savez(path, x=np.zeros(2), y=np.zeros(2), t=t, p=np.zeros(2))
+    np.savez(tmp_path / "evil_nim.npz", event_data=t)
+    for p in (path, tmp_path / "evil_nim.npz"):
+        _raises(p, match=["allow_pickle=False"])
+    assert not tripwire.exists()
