@@ -157,6 +157,12 @@ def test_dat_hand_built(tmp_path):
                      + b"".join(struct.pack("<II", t, d) for t, d in records))
     assert read_events(path).tolist() == [(2, 3, 10, 1), (7, 0, 20, 0), (1, 1, 2**32 - 1, 1)]
     assert read_sensor_size(path) == (4, 8)
+    # Type 0 (Event2D, ATIS-era files) has the same record layout.
+    event_2d = tmp_path / "hand_2d.dat"
+    data = path.read_bytes()
+    offset = data.index(bytes([12, 8]))
+    event_2d.write_bytes(data[:offset] + bytes([0, 8]) + data[offset + 2:])
+    assert read_events(event_2d).tolist() == read_events(path).tolist()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ Each ``open_*`` reads only the header (sensor size, time unit) and returns a ``R
 chunks are decoded lazily, packet by packet, so a recording larger than memory can be read in
 time windows. Decoding uses maintained readers installed as extras: ``aedat`` (AEDAT4), ``faery``
 (RAW and DAT) and ``hdf5plugin`` (HDF5 compression filters). faery rather than expelliarmus
-decodes RAW: expelliarmus 1.1.12 adds 4096 us to EVT3 timestamps at every TIME_LOW wrap.
+decodes RAW: expelliarmus 1.1.12 adds 4096 us to EVT3 timestamps at every TIME_LOW wrap. faery's
+decoders are called directly (``faery.extension``) because its stream wrapper refuses DAT files
+of type Event2D, which its DAT decoder reads.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class Recording:
     chunks: Iterator[Columns]
 
 
-def require(module: str, extra: str, path: str, what: str) -> Any:
+def _require(module: str, extra: str, path: str, what: str) -> Any:
     """Imports an optional reader, or raises naming the extra that installs it."""
     try:
         return importlib.import_module(module)
@@ -70,7 +72,7 @@ def open_aedat4(path: str) -> Recording:
     if magic != AEDAT4_MAGIC:
         raise EventFileError(f"{path}: expected an AEDAT4 file starting with "
                              f"{AEDAT4_MAGIC!r}; found {magic!r}")
-    aedat = require("aedat", "aedat4", path, "AEDAT4 files")
+    aedat = _require("aedat", "aedat4", path, "AEDAT4 files")
     try:
         streams = aedat.Decoder(path).id_to_stream()
     except RuntimeError as e:
@@ -172,7 +174,7 @@ def open_evt(path: str) -> Recording:
     dims = _NO_SENSOR_LIMIT if sensor is None else (sensor[1], sensor[0])
 
     def chunks() -> Iterator[Columns]:
-        extension = require("faery.extension", "prophesee", path, "Prophesee RAW files")
+        extension = _require("faery.extension", "prophesee", path, "Prophesee RAW files")
         try:
             with extension.evt.Decoder(path, dims, version) as decoder:
                 for packet in decoder:
@@ -216,7 +218,7 @@ def open_dat(path: str) -> Recording:
     dims = _NO_SENSOR_LIMIT if sensor is None else (sensor[1], sensor[0])
 
     def chunks() -> Iterator[Columns]:
-        extension = require("faery.extension", "prophesee", path, "Prophesee DAT files")
+        extension = _require("faery.extension", "prophesee", path, "Prophesee DAT files")
         try:
             with extension.dat.Decoder(path, dims, _DAT_VERSIONS[version]) as decoder:
                 for ev in decoder:

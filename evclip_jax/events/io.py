@@ -132,8 +132,8 @@ def read_sensor_size(path: PathLike, format: str | None = None) -> tuple[int, in
     """The (H, W) sensor size the file's header gives (AEDAT4, RAW, DAT, Prophesee HDF5), else
     None (the research formats and DSEC store none); reads the header only."""
     path = os.fspath(path)
-    return _open(path, _check_format_name(format, path) if format else detect_format(path)) \
-        .sensor_size
+    fmt = _check_format_name(format, path) if format is not None else detect_format(path)
+    return _open(path, fmt).sensor_size
 
 
 def detect_format(path: PathLike) -> str:
@@ -141,31 +141,35 @@ def detect_format(path: PathLike) -> str:
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     fmt = _EXTENSIONS.get(ext)
-    if fmt is None or ext == ".aedat":  # .aedat is AEDAT 2.0 unless it starts as AEDAT4
-        with open(path, "rb") as f:
-            head = f.read(512)
-        if head.startswith(camera_formats.AEDAT4_MAGIC):
-            fmt = "aedat4"
-        elif fmt is not None:
-            pass
-        elif head.startswith(b"#!AER-DAT"):
-            fmt = "aedat2"
-        elif head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-            fmt = "npz"
-        elif head.startswith(b"\x89HDF\r\n\x1a\n"):
-            fmt = "h5"
-        elif head.startswith(b"% ") and (b"\n% evt " in head or b"\n% format EVT" in head
-                                         or head.startswith((b"% evt ", b"% format EVT"))):
-            fmt = "evt"
-        elif head.startswith(b"% "):
-            fmt = "dat"
-        else:
-            raise EventFileError(
-                f"{path}: cannot tell the event format from the extension or the first bytes "
-                f"{head[:8]!r}; pass format= one of {', '.join(FORMATS + CAMERA_FORMATS)}")
+    # .aedat is CIFAR10-DVS's AEDAT 2.0 unless the file starts as AEDAT4.
+    if fmt is None or (ext == ".aedat" and _head(path).startswith(camera_formats.AEDAT4_MAGIC)):
+        fmt = _format_from_magic(path)
     if fmt == "npz":
         fmt = "nimagenet_npz" if dataset_formats.npz_is_nimagenet(path) else "npz"
     return fmt
+
+
+def _head(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(512)
+
+
+def _format_from_magic(path: str) -> str:
+    head = _head(path)
+    if head.startswith(camera_formats.AEDAT4_MAGIC):
+        return "aedat4"
+    if head.startswith(b"#!AER-DAT"):
+        return "aedat2"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "npz"
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return "h5"
+    if head.startswith(b"% "):  # Prophesee: RAW headers state the EVT version, DAT ones do not
+        evt = (b"% evt ", b"% format EVT")
+        return "evt" if head.startswith(evt) or any(b"\n" + m in head for m in evt) else "dat"
+    raise EventFileError(
+        f"{path}: cannot tell the event format from the extension or the first bytes "
+        f"{head[:8]!r}; pass format= one of {', '.join(FORMATS + CAMERA_FORMATS)}")
 
 
 def _event_chunks(path: str, format: str | None, sensor_size: tuple[int, int] | None,
