@@ -8,11 +8,13 @@ Two entry points share one path, ``run_evaluators``:
 Each split is embedded once (events, and paired images when retrieval or k-NN translation
 needs them); zero-shot, retrieval and the few-shot ridge probe reuse those embeddings. The
 evaluators themselves live in their own modules: zeroshot, retrieval, fewshot, finetune
-(few-shot full fine-tuning), knn and video_anomaly.
+(few-shot full fine-tuning), knn, video_anomaly (also on record splits) and
+modality_retrieval (five-modality retrieval through the adapter).
 
 ``config.eval`` fields: ``evals``, ``batch_size``, ``rank_against``, ``heldout_classes``,
 ``fewshot_shots``, ``fewshot_seeds``, ``finetune_steps``, ``knn_k``, ``anomaly_videos``,
-``normal_prompts``, ``abnormal_prompts``, ``query``, ``views`` and ``checkpoint``
+``anomaly_splits``, ``normal_prompts``, ``abnormal_prompts``, ``modalities``, ``query``,
+``views`` and ``checkpoint`` (and ``config.adapter``)
 (``every_steps`` and ``at_end`` are the trainer's). Each of ``eval.views`` (name -> a few of
 those fields) is evaluated in turn, its metrics prefixed by its name.
 """
@@ -33,17 +35,20 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from evclip_jax import adapter as adapter_lib
 from evclip_jax import checkpoints, embed, sharding, step, text
 from evclip_jax.data import records
+from evclip_jax.evaluate.anomaly import evaluate_anomaly
 from evclip_jax.evaluate.common import batch_axes_of, collect_labels, embed_batches, embed_dataset
 from evclip_jax.evaluate.fewshot import fewshot_metrics, fewshot_splits
 from evclip_jax.evaluate.finetune import fewshot_finetune
 from evclip_jax.evaluate.knn import knn_translate
+from evclip_jax.evaluate.modality_retrieval import evaluate_modalities, parse_modalities
 from evclip_jax.evaluate.retrieval import cross_modal_retrieval
 from evclip_jax.evaluate.video_anomaly import evaluate_video_anomaly
 from evclip_jax.evaluate.zeroshot import zeroshot_metrics
 
-EVAL_NAMES = ("zeroshot", "retrieval", "fewshot", "fewshot_finetune", "anomaly")
+EVAL_NAMES = ("zeroshot", "retrieval", "fewshot", "fewshot_finetune", "anomaly", "modalities")
 ZEROSHOT_KS = (1, 5)
 RETRIEVAL_KS = (1, 5, 10)
 RECALL_CURVE_MAX_K = 50
@@ -148,20 +153,25 @@ def _check_view(config) -> tuple[str, ...]:
     if config.eval.query not in ("events", "images"):
         raise ValueError(f"config.eval.query={config.eval.query!r}: expected 'events' (the "
                          "event tower on the events) or 'images' (the image tower on the images)")
-    if config.eval.query == "images" and {"retrieval", "fewshot_finetune"} & set(evals):
-        raise ValueError("config.eval.query='images': retrieval and fewshot_finetune need the "
-                         "event tower (query 'events')")
+    if config.eval.query == "images" and {"retrieval", "fewshot_finetune", "modalities"
+                                          } & set(evals):
+        raise ValueError("config.eval.query='images': retrieval, fewshot_finetune and "
+                         "modalities need the event tower (query 'events')")
     _rank_against(config)
     if {"fewshot", "fewshot_finetune"} & set(evals):
         _fewshot_settings(config)
     if "anomaly" in evals:
-        if not list(config.eval.anomaly_videos):
+        if not list(config.eval.anomaly_videos) and not list(config.eval.anomaly_splits):
             raise ValueError("config.eval.evals includes 'anomaly', which needs "
                              "config.eval.anomaly_videos (<name>_frames.npz files of "
-                             "tools/video_to_events.py, optionally as dataset=path)")
+                             "tools/video_to_events.py, optionally as dataset=path) or "
+                             "config.eval.anomaly_splits (record splits of config.data.dir)")
         if not list(config.eval.normal_prompts) or not list(config.eval.abnormal_prompts):
             raise ValueError("config.eval.normal_prompts / abnormal_prompts: need at least one "
                              "prompt each for 'anomaly'")
+    if "modalities" in evals:
+        parse_modalities(config.eval.modalities)
+        adapter_lib.check_adapter_config(config.adapter)
     if int(config.eval.finetune_steps) < 0:
         raise ValueError(f"config.eval.finetune_steps={config.eval.finetune_steps}: expected "
                          ">= 0")
@@ -230,6 +240,7 @@ class _Context:
     class_text_emb: np.ndarray
     class_names: list[str]
     mesh: Mesh
+    adapter: adapter_lib.Adapter | None = None  # into the space of config.eval.modalities
 
 
 @functools.cache
@@ -251,10 +262,11 @@ def _evaluate_splits(ctx: _Context, data_dir, image_size: int
     if knn_k > 0 and not has_images:
         raise ValueError(f"config.eval.knn_k={knn_k} needs images, but split "
                          f"{config.data.eval_split!r} has none")
-    need_images = has_images and ("retrieval" in ctx.evals or knn_k > 0)
+    need_images = has_images and (bool({"retrieval", "modalities"} & set(ctx.evals))
+                                  or knn_k > 0)
 
     query = config.eval.query  # "events": the event tower; "images": the image tower
-    if set(ctx.evals) & {"zeroshot", "retrieval", "fewshot"}:
+    if set(ctx.evals) & {"zeroshot", "retrieval", "fewshot", "modalities"}:
         embed_fn = _embed_fn(ctx.towers.vision)
         fns, params = {}, {}
         if query == "events":
@@ -299,6 +311,16 @@ def _evaluate_splits(ctx: _Context, data_dir, image_size: int
                                     text_emb, eval_classes, rank_against)
         metrics.update({f"retrieval/{k}": v for k, v in values.items()})
         plots.setdefault("recall_at_k", {}).update(curves)
+    if "modalities" in ctx.evals:
+        text_ids = eval_classes if rank_against == "heldout" else np.arange(text_emb.shape[0])
+        values, details = evaluate_modalities(
+            query_emb[keep], labels[keep], emb["images"][keep] if need_images else None,
+            text_emb[text_ids], text_ids, ctx.class_names,
+            parse_modalities(config.eval.modalities), ctx.adapter, RETRIEVAL_KS,
+            RECALL_CURVE_MAX_K)
+        metrics.update({f"modalities/{k}": v for k, v in values.items()})
+        plots.setdefault("recall_at_k", {}).update(
+            {f"modalities {label}": c for label, c in details["recall_at_k"].items()})
 
     fewshot_wanted = [e for e in ("fewshot", "fewshot_finetune") if e in ctx.evals]
     if fewshot_wanted:
@@ -362,17 +384,43 @@ def _prompt_embeddings(towers, text_params, tokenizer, prompts: Sequence[str], w
     return np.asarray(embed.class_text_embeddings(towers.text, text_params, ids))
 
 
+def _anomaly_on_splits(config, towers, event_params, normal: np.ndarray, abnormal: np.ndarray,
+                       logit_scale: float, data_dir, mesh: Mesh
+                       ) -> tuple[dict[str, float], dict[str, dict]]:
+    """Anomaly AUC of each record split of ``config.eval.anomaly_splits`` (labels 0 normal, 1
+    anomalous), read and embedded through the eval pipeline like any other split."""
+    metrics: dict[str, float] = {}
+    roc: dict[str, dict] = {}
+    for name in config.eval.anomaly_splits:
+        manifest = records.read_manifest(data_dir, name)
+        if len(manifest["class_names"]) != 2:
+            raise ValueError(
+                f"{records.manifest_path(data_dir, name)}: classes {manifest['class_names']}; "
+                "config.eval.anomaly_splits expects two (0 normal, 1 anomalous), as "
+                "tools/video_to_events.py --format tfrecords writes")
+        split = _open_split(config, data_dir, name, mesh, manifest["class_names"],
+                            towers.config.vision.image_size)
+        values, details = evaluate_anomaly(_embed_fn(towers.vision), split(), normal, abnormal,
+                                           logit_scale, mesh, return_details=True,
+                                           params=event_params)
+        metrics.update({f"anomaly/{name}/{k}": float(v) for k, v in values.items()})
+        roc[f"anomaly {name}"] = details
+    return metrics, roc
+
+
 def run_evaluators(config, towers, params: Mapping[str, Any], tokenizer, data_dir, mesh: Mesh,
-                   *, where: str, report_dir: str | os.PathLike | None = None
-                   ) -> dict[str, float]:
+                   *, where: str, report_dir: str | os.PathLike | None = None,
+                   adapter: adapter_lib.Adapter | None = None) -> dict[str, float]:
     """The evaluators of ``config.eval.evals``: a flat metrics dict.
 
     ``params``: {event_tower, image_tower, text_tower, logit_scale} (host or placed arrays);
     ``tokenizer`` encodes the prompts (None: the hash tokenizer of random models; ``where``
     names the model in that error). With ``report_dir``, metrics.json, report.md and plots
-    are written there (process 0). Keys: "zeroshot/top1|top5|num_samples",
+    are written there (process 0); ``adapter`` maps events into the space of the
+    ``modalities`` files. Keys: "zeroshot/top1|top5|num_samples",
     "retrieval/<query>_to_<key>/R@K|mAP@K|MRR", "fewshot/<N>shot/top1[_std]",
-    "fewshot_finetune/<N>shot/top1[_std]", "anomaly/<dataset>/auc".
+    "fewshot_finetune/<N>shot/top1[_std]", "anomaly/<dataset or split>/auc",
+    "modalities/event_to_<modality>/R@K|mAP@K|MRR", "modalities/cross/top1|share/<modality>".
     """
     evals = check_eval_config(config)
     if not evals:
@@ -395,7 +443,7 @@ def run_evaluators(config, towers, params: Mapping[str, Any], tokenizer, data_di
                                           text.class_prompts(config.data.prompt, class_names),
                                           where)
             ctx = _Context(view_config, view_evals, towers, placed, logit_scale, text_emb,
-                           list(class_names), mesh)
+                           list(class_names), mesh, adapter)
             values, view_plots = _evaluate_splits(ctx, data_dir,
                                                   towers.config.vision.image_size)
             prefix = f"{name}/" if name else ""
@@ -407,12 +455,17 @@ def run_evaluators(config, towers, params: Mapping[str, Any], tokenizer, data_di
             normal, abnormal = (
                 _prompt_embeddings(towers, placed["text_tower"], tokenizer, list(prompts), where)
                 for prompts in (config.eval.normal_prompts, config.eval.abnormal_prompts))
-            values, roc = evaluate_video_anomaly(
-                towers, placed["event_tower"], normal, abnormal, logit_scale,
-                list(config.eval.anomaly_videos), batch_size=int(config.eval.batch_size),
-                mesh=mesh)
+            if list(config.eval.anomaly_videos):
+                values, roc = evaluate_video_anomaly(
+                    towers, placed["event_tower"], normal, abnormal, logit_scale,
+                    list(config.eval.anomaly_videos), batch_size=int(config.eval.batch_size),
+                    mesh=mesh)
+                metrics.update(values)
+                plots.setdefault("roc", {}).update(roc["roc"])
+            values, roc = _anomaly_on_splits(config, towers, placed["event_tower"], normal,
+                                             abnormal, logit_scale, data_dir, mesh)
             metrics.update(values)
-            plots.update(roc)
+            plots.setdefault("roc", {}).update(roc)
     if report_dir is not None and jax.process_index() == 0:
         from evclip_jax.evaluate.report import write_report
 
@@ -424,7 +477,7 @@ def run_evaluators(config, towers, params: Mapping[str, Any], tokenizer, data_di
 
 
 def _data_dir_for_eval(config, workdir: Path, image_size: int) -> Path | None:
-    if not set(parse_evals(config.eval.evals)) - {"anomaly"}:
+    if not set(parse_evals(config.eval.evals)) - {"anomaly"} and not config.eval.anomaly_splits:
         return None
     if not config.data.dir and config.data.synthetic.enabled:
         from evclip_jax.data import prepare
@@ -451,7 +504,7 @@ def evaluate_checkpoint(config, workdir: str | os.PathLike,
     workdir = Path(workdir)
     field = "config.eval.checkpoint" if config.eval.checkpoint else "--workdir"
     path = Path(config.eval.checkpoint or workdir)
-    check_eval_config(config)
+    evals = check_eval_config(config)
     clip_config, params, tok_dir = checkpoints.load_model(path, field)
     step_no = checkpoints.latest_step(path) if checkpoints.is_workdir(path) else 0
     towers = step.make_towers(config, clip_config)
@@ -459,8 +512,10 @@ def evaluate_checkpoint(config, workdir: str | os.PathLike,
     data_dir = _data_dir_for_eval(config, base, clip_config.vision.image_size)
     out = Path(out_dir) if out_dir is not None else workdir / "eval"
     mesh = sharding.make_mesh(**config.mesh)
+    adapter = (adapter_lib.adapter_for_model(config, path, clip_config.projection_dim)
+               if "modalities" in evals else None)
     metrics = run_evaluators(config, towers, params, text.load_tokenizer(tok_dir), data_dir,
-                             mesh, where=str(path), report_dir=out)
+                             mesh, where=str(path), report_dir=out, adapter=adapter)
     if jax.process_index() == 0:
         from clu import metric_writers
 
