@@ -25,6 +25,7 @@ training splits); the examples are the same.
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir="/data/ncaltech101_manual"))
     # or: tfds build --imports evclip_jax.data.tfds_builders n_caltech101 --manual_dir=...
+    # (TFDS's command line imports apache-beam, which evclip_jax does not install.)
 
 Other representations or sizes: pass your own config, e.g.
 ``tfds.builder("n_mnist", config=EventConfig(name="eventclip", representation="eventclip",

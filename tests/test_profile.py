@@ -1,0 +1,75 @@
+"""config.profile: a jax.profiler trace of training steps N..M in workdir/profile, written by
+process 0 only, that TensorBoard's profile plugin (XSpace protobuf) and Perfetto (trace JSON)
+read."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from evclip_jax import trainer
+
+
+def _tiny_config():
+    sys.path.insert(0, str(Path(__file__).parent / "configs"))
+    try:
+        import tiny
+    finally:
+        sys.path.pop(0)
+    return tiny.get_config()
+
+
+def test_trace_of_steps_n_to_m(tmp_path):
+    """Steps 1-2 of a 4-step tiny run: one run folder holding an XSpace that parses, and a
+    Perfetto trace whose train-step executions are exactly those two steps on every device."""
+    config = _tiny_config()
+    config.num_train_steps = 4
+    config.checkpoint.every_steps = 4
+    config.debug.log_data_order = False
+    config.profile.start_step, config.profile.num_steps = 1, 2
+    trainer.train_and_evaluate(config, str(tmp_path))
+
+    runs = list((tmp_path / "profile" / "plugins" / "profile").iterdir())
+    assert len(runs) == 1, runs
+    (xplane,) = runs[0].glob("*.xplane.pb")
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2  # the profile plugin's input
+
+    space = xplane_pb2.XSpace()
+    space.ParseFromString(xplane.read_bytes())
+    host = {plane.name: plane for plane in space.planes}["/host:CPU"]
+    assert sum(len(line.events) for line in host.lines) > 100
+
+    with gzip.open(runs[0] / "perfetto_trace.json.gz", "rt") as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    executions = [e for e in events if e["name"].endswith("Execute (jit_train_step)")
+                  and e["name"].startswith("[")]  # one per device and step
+    assert len(executions) == 2 * jax.device_count()
+    assert any(e["name"].startswith("all-reduce") for e in events)  # the step's XLA ops
+
+
+def test_trace_only_on_process_zero(tmp_path, monkeypatch):
+    """Process 0 traces steps [start_step, start_step + num_steps), another process never;
+    bad settings are refused naming the field."""
+    calls = []
+    monkeypatch.setattr(jax.profiler, "start_trace", lambda *a, **k: calls.append("start"))
+    monkeypatch.setattr(jax.profiler, "stop_trace", lambda: calls.append("stop"))
+    monkeypatch.setattr(jax, "block_until_ready", lambda tree: tree)
+    profile = _tiny_config().profile
+    profile.start_step, profile.num_steps = 1, 2
+    for index, expected in ((0, [0, "start", 1, 2, "stop", 3]), (1, [0, 1, 2, 3])):
+        monkeypatch.setattr(jax, "process_index", lambda i=index: i)
+        calls.clear()
+        with trainer.StepTrace(profile, tmp_path) as trace:
+            for at in range(4):  # the loop: before the step, the step, after it
+                trace.before_step(at)
+                calls.append(at)
+                trace.after_step(at + 1, None)
+        assert calls == expected, index
+    profile.num_steps = -1
+    with pytest.raises(ValueError, match="config.profile: start_step=1, num_steps=-1"):
+        trainer.StepTrace(profile, tmp_path)
