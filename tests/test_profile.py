@@ -1,11 +1,12 @@
 """config.profile: a jax.profiler trace of training steps N..M in workdir/profile, written by
 process 0 only, that TensorBoard's profile plugin (XSpace protobuf) and Perfetto (trace JSON)
-read."""
+read; and the evaluation's progress bar with an ETA."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -73,3 +74,22 @@ def test_trace_only_on_process_zero(tmp_path, monkeypatch):
     profile.num_steps = -1
     with pytest.raises(ValueError, match="config.profile: start_step=1, num_steps=-1"):
         trainer.StepTrace(profile, tmp_path)
+
+
+def test_eval_pass_shows_progress_with_eta(tmp_path, capsys):
+    """Each pass over an eval split counts its padded batches and shows the remaining time."""
+    from evclip_jax import sharding
+    from evclip_jax.data.synthetic import make_synthetic_dataset
+    from evclip_jax.evaluate import runner
+
+    manifests = make_synthetic_dataset(tmp_path, num_classes=3, per_class=6, image_size=16,
+                                       splits={"test": 1.0})
+    config = _tiny_config()
+    config.eval.batch_size = 8
+    mesh = sharding.make_mesh(**config.mesh)
+    split = runner._open_split(config, tmp_path, "test", mesh, manifests["test"]["class_names"],
+                               16)
+    assert len(list(split())) == 3  # 18 records in batches of 8, the last one padded
+    # tqdm's "n/total [elapsed<remaining" is the bar's count and ETA.
+    assert re.search(r"eval test: 100%.*\| 3/3 \[\d\d:\d\d<\d\d:\d\d",
+                     capsys.readouterr().err)

@@ -34,6 +34,7 @@ import flax
 import jax
 import numpy as np
 from jax.sharding import Mesh
+from tqdm import tqdm
 
 from evclip_jax import adapter as adapter_lib
 from evclip_jax import checkpoints, embed, sharding, step, text
@@ -195,12 +196,17 @@ class _Split:
     mesh: Mesh
 
     def __call__(self) -> Iterator[dict[str, jax.Array]]:
+        """One pass; process 0 shows a progress bar with an ETA (the pass's padded batch count
+        is the dataset's cardinality)."""
         from evclip_jax.data import pipeline
 
         ds = pipeline.make_dataset(self.data_dir, self.name, global_batch_size=self.batch_size,
                                    out_size=self.image_size, train=False, seed=self.seed,
                                    representation=self.representation)
-        return pipeline.global_batches(ds, self.mesh, batch_axes=batch_axes_of(self.mesh))
+        batches = pipeline.global_batches(ds, self.mesh, batch_axes=batch_axes_of(self.mesh))
+        total = int(ds.cardinality())
+        return iter(tqdm(batches, total=total if total >= 0 else None, unit="batch",
+                         desc=f"eval {self.name}", disable=jax.process_index() != 0))
 
 
 def _open_split(config, data_dir, split: str, mesh: Mesh, class_names: Sequence[str],
