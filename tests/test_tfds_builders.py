@@ -170,11 +170,15 @@ def _tool_args(name: str, root: str, tmp: str) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, load_tool):
+def build_tool(load_tool):
+    return load_tool("build_tfrecords")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, build_tool):
     """name -> (TFDS builder prepared from the fake manual dir, TFRecord dir of the same
     files), built once per builder."""
     cache = {}
-    tool = load_tool("build_tfrecords")
 
     def get(name: str):
         if name not in cache:
@@ -186,7 +190,7 @@ def prepared(tmp_path_factory, load_tool):
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(manual_dir=root))
             for args in _tool_args(name, root, str(tmp)).values():
-                _build_records(tool, tmp / "records", args)
+                _build_records(build_tool, tmp / "records", args)
             cache[name] = builder, str(tmp / "records")
         return cache[name]
 
@@ -199,7 +203,9 @@ def _records_by_key(data_dir: str, split: str) -> tuple[dict, dict]:
     for shard in manifest["shards"]:
         for rec in tf.data.TFRecordDataset(os.path.join(data_dir, shard)):
             ex = records.parse_example(rec, manifest["image_size"],
-                                       has_images=manifest["has_images"])
+                                       has_images=manifest["has_images"],
+                                       representation=manifest["representation"],
+                                       num_frames=manifest["event_shape"][0])
             out[ex["key"].numpy().decode()] = {k: v.numpy() for k, v in ex.items()}
     return out, manifest
 
@@ -229,6 +235,35 @@ def test_examples_equal_tfrecord_builder(prepared, name):
         differ = {"shards", "shard_num_examples", "shuffled", "source"}
         assert {k: v for k, v in tfds_manifest.items() if k not in differ} == \
             {k: v for k, v in manifest.items() if k not in differ}
+
+
+def test_other_representation_equals_tfrecord_builder(tmp_path, build_tool):
+    """A user's config (EventBind frames at 16 px) stores what build_tfrecords.py stores with
+    the same settings; the records' parser reads TFDS's files as TFDS does."""
+    root = tmp_path / "manual"
+    os.makedirs(root)
+    write_nmnist(str(root))
+    config = tfds_builders.EventConfig(name="eventbind_16", representation="eventbind",
+                                       num_frames=2, out_size=16, window_k=2000,
+                                       sensor_size=(34, 34))
+    builder = tfds_builders.NMnist(data_dir=str(tmp_path / "tfds"), config=config)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+    _build_records(build_tool, tmp_path / "records",
+                   ["--layout=nmnist", f"--event_root={root}", "--split=test",
+                    "--source_split=Test", "--representation=eventbind", "--num_frames=2",
+                    "--out_size=16"])
+    expected, _ = _records_by_key(str(tmp_path / "records"), "test")
+    parsed, _ = _records_by_key(builder.data_dir, "test")
+    got = {ex["key"].decode(): ex for ex in tfds.as_numpy(builder.as_dataset(split="test"))}
+    assert sorted(got) == sorted(parsed) == sorted(expected) and len(got) == 3
+    for key, ex in got.items():
+        assert ex["event_frames"].shape == (2, 16, 16, 3)
+        np.testing.assert_array_equal(ex["event_frames"], expected[key]["event_frames"])
+        np.testing.assert_array_equal(parsed[key]["event_frames"], expected[key]["event_frames"])
+    with pytest.raises(ValueError, match="clamp=5 is Eq. 1's count clamp"):
+        tfds_builders.NMnist(data_dir=str(tmp_path / "tfds"), config=tfds_builders.EventConfig(
+            name="eventclip_clamped", representation="eventclip", clamp=5))
 
 
 def test_pipeline_reads_tfds_folder(prepared):

@@ -93,6 +93,10 @@ class _EventBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         cfg = self.builder_config
         size = cfg.out_size
         shape = records.event_shape(cfg.representation, size, cfg.num_frames)
+        if cfg.representation != "evclip" and cfg.clamp is not None:
+            raise ValueError(f"{type(self).__name__} config {cfg.name!r}: clamp={cfg.clamp} is "
+                             "Eq. 1's count clamp (representation 'evclip'); expected None for "
+                             f"representation {cfg.representation!r}")
         if cfg.representation == "evclip":
             name = "event_counts"
             events = tfds.features.Image(shape=(size, size, 1), dtype=np.uint16,
