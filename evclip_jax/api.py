@@ -1,4 +1,5 @@
-"""``EventCLIP``: inference with the three towers of an event CLIP, and export to HF."""
+"""``EventCLIP``: inference with the three towers of an event CLIP, and export to HF and to
+OpenAI layout."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evclip_jax import checkpoints, convert, text
+from evclip_jax import checkpoint_files, checkpoints, convert, text
+from evclip_jax.checkpoint_files import FileOptions
 from evclip_jax.embed import embed_text, embed_vision, events_to_tower_input, l2_normalize
 from evclip_jax.models.clip import CLIPConfig, Towers
 
@@ -34,11 +36,14 @@ class EventCLIP:
         self._text = jax.jit(lambda p, x: embed_text(text_tower, p, x))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> EventCLIP:
+    def from_pretrained(cls, path: str | os.PathLike, file_options: FileOptions | None = None,
+                        **kwargs) -> EventCLIP:
         """Any model path (checkpoints.load_model): an HF CLIP dir (the event tower is a copy of
-        the image tower), an evclip checkpoint dir, or a training workdir (its latest
-        checkpoint). A tokenizer beside it is loaded."""
-        config, params, tok_dir = checkpoints.load_model(path)
+        the image tower), an evclip checkpoint dir, a training workdir (its latest checkpoint),
+        or a checkpoint file in OpenAI layout (OpenAI, open_clip or the paper's release; read as
+        ``file_options`` say). A tokenizer beside it is loaded; without one, a CLIP vocabulary
+        is encoded by open_clip's tokenizer (text.token_ids)."""
+        config, params, tok_dir = checkpoints.load_model(path, options=file_options)
         params = jax.tree.map(jnp.asarray, params)
         return cls(config, params, tokenizer=text.load_tokenizer(tok_dir),
                    tokenizer_dir=tok_dir, **kwargs)
@@ -61,12 +66,15 @@ class EventCLIP:
         return l2_normalize(out) if normalize else out
 
     def tokenize(self, texts: list[str]) -> np.ndarray:
-        if self.tokenizer is None:
+        """Token ids [N, L] of ``texts`` (text.token_ids): the checkpoint's tokenizer, or
+        open_clip's for a CLIP vocabulary."""
+        if self.tokenizer is None and self.config.text.vocab_size < text.CLIP_VOCAB_SIZE:
             raise ValueError(
-                "encode_text got strings but this checkpoint dir holds no tokenizer "
-                "(vocab.json + merges.txt or tokenizer.json); pass token ids instead"
-            )
-        return text.token_ids(texts, self.config.text, self.tokenizer)
+                "encode_text got strings but this model has no tokenizer (vocab.json + "
+                "merges.txt or tokenizer.json) and a vocabulary other than CLIP's; pass token "
+                "ids instead")
+        return text.token_ids(texts, self.config.text, self.tokenizer,
+                              self.tokenizer_dir or "this model")
 
     def encode_text(self, input_ids, normalize: bool = False) -> jax.Array:
         """Int [B, L] token ids, or a list of strings when a tokenizer is loaded -> [B, D]."""
@@ -82,6 +90,14 @@ class EventCLIP:
         params = jax.tree.map(np.asarray, self.params)
         return convert.save_hf(params, self.config, out_dir, tower,
                                tokenizer_dir=self.tokenizer_dir, overwrite=overwrite)
+
+    def save_pretrained_openai(self, out: str | os.PathLike, tower: str = "event",
+                               layout: str = "openai", overwrite: bool = False) -> Path:
+        """A checkpoint file in OpenAI layout (checkpoint_files.save_file): layout "openai" ->
+        a CLIP state dict with ``tower`` ("event", "image") as its image tower, which open_clip
+        and OpenAI's clip load; "release" -> the paper's release layout (event tower)."""
+        params = jax.tree.map(np.asarray, self.params)
+        return checkpoint_files.save_file(params, self.config, out, tower, layout, overwrite)
 
     def save_pretrained(self, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
         """An evclip checkpoint dir (Orbax params + evclip.json + tokenizer files)."""

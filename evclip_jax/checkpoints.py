@@ -8,7 +8,10 @@ A model path is one of:
 * a training workdir: ``init/`` (an evclip dir: the towers the run started from, stored once)
   and ``checkpoints/<step>/`` (Orbax: ``state`` = the trainable params and optimizer state,
   ``data`` = {"step"}). The trained towers of the latest (or a given) step replace the
-  starting ones.
+  starting ones;
+* a checkpoint FILE (.pt, .pth, .bin, .safetensors) in OpenAI layout: OpenAI's ``clip``,
+  open_clip, or the paper's release (checkpoint_files.py); ``checkpoint_files.FileOptions`` says
+  what its shapes do not.
 
 ``load_model`` turns any of them into (CLIPConfig, params, tokenizer dir); nothing else in the
 package decides what kind of path it was given.
@@ -16,6 +19,7 @@ package decides what kind of path it was given.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -23,19 +27,26 @@ import flax
 import jax
 import numpy as np
 
-from evclip_jax import convert
+from evclip_jax import checkpoint_files, convert
+from evclip_jax.checkpoint_files import FileOptions
 from evclip_jax.models.clip import CLIPConfig, Towers
 
 INIT_DIR = "init"
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("state", "data")
-KINDS = {"workdir": "training workdir", "evclip": "evclip checkpoint", "hf": "HF CLIP dir"}
+KINDS = {"workdir": "training workdir", "evclip": "evclip checkpoint", "hf": "HF CLIP dir",
+         "file": "OpenAI-layout checkpoint file"}
+_EXPECTED_KINDS = ("a training workdir (init/ + checkpoints/), an evclip checkpoint dir "
+                   "(evclip.json), an HF CLIP dir (config.json) or a checkpoint file ("
+                   + ", ".join(checkpoint_files.SUFFIXES) + ")")
 
 
 def model_kind(path: str | os.PathLike, field: str | None = None) -> str:
-    """"workdir", "evclip" or "hf"; CheckpointError naming the path (and the config field or
-    flag ``field`` it came from) otherwise."""
+    """"workdir", "evclip", "hf" or "file"; CheckpointError naming the path (and the config
+    field or flag ``field`` it came from) otherwise."""
     path = Path(path)
+    if checkpoint_files.is_checkpoint_file(path):
+        return "file"
     if convert.is_evclip_dir(path / INIT_DIR):
         return "workdir"
     if convert.is_evclip_dir(path):
@@ -44,17 +55,20 @@ def model_kind(path: str | os.PathLike, field: str | None = None) -> str:
         return "hf"
     where = f"{field}: {path}" if field else str(path)
     if not path.exists():
-        raise convert.CheckpointError(
-            f"{where} does not exist; expected a training workdir (init/ + checkpoints/), an "
-            "evclip checkpoint dir (evclip.json) or an HF CLIP dir (config.json)")
-    raise convert.CheckpointError(
-        f"{where} is neither a training workdir (init/ + checkpoints/), an evclip checkpoint "
-        "dir (evclip.json) nor an HF CLIP dir (config.json)")
+        raise convert.CheckpointError(f"{where} does not exist; expected {_EXPECTED_KINDS}")
+    raise convert.CheckpointError(f"{where} is neither a model dir nor a checkpoint file; "
+                                  f"expected {_EXPECTED_KINDS}")
 
 
-def load_model_config(path: str | os.PathLike, field: str | None = None) -> CLIPConfig:
-    """The CLIP architecture of any model path, without reading weights."""
+def load_model_config(path: str | os.PathLike, field: str | None = None,
+                      options: FileOptions | None = None) -> CLIPConfig:
+    """The CLIP architecture of any model path, without converting weights."""
     kind = model_kind(path, field)
+    if kind == "file":
+        options = options or FileOptions()
+        clip_config = (load_model_config(options.clip_path, "clip_path", _clip_options(options))
+                       if options.clip_path else None)
+        return checkpoint_files.load_file_config(path, options, clip_config)
     if kind == "workdir":
         return convert.load_evclip_config(Path(path) / INIT_DIR)
     if kind == "evclip":
@@ -62,12 +76,23 @@ def load_model_config(path: str | os.PathLike, field: str | None = None) -> CLIP
     return convert.load_hf_config(path)
 
 
-def load_model(path: str | os.PathLike, field: str | None = None, step: int | None = None
-               ) -> tuple[CLIPConfig, dict, Path]:
+def load_model(path: str | os.PathLike, field: str | None = None, step: int | None = None,
+               options: FileOptions | None = None) -> tuple[CLIPConfig, dict, Path | None]:
     """(config, params {image_tower, event_tower, text_tower, logit_scale}, tokenizer dir) of
-    any model path; a workdir gives its latest complete (or ``step``) checkpoint."""
+    any model path; a workdir gives its latest complete (or ``step``) checkpoint. A file has
+    no tokenizer dir (None) unless its ``options.clip_path`` has one; ``options`` apply to
+    files only."""
     path = Path(path)
     kind = model_kind(path, field)
+    if kind == "file":
+        options = options or FileOptions()
+        clip, tok_dir = None, None
+        if options.clip_path:
+            clip_config, clip_params, tok_dir = load_model(options.clip_path, "clip_path",
+                                                           options=_clip_options(options))
+            clip = (clip_config, clip_params)
+        config, params = checkpoint_files.load_file(path, options, clip)
+        return config, params, tok_dir
     if kind == "hf":
         config, params = convert.load_hf_clip(path)
         return config, params, path
@@ -81,6 +106,11 @@ def load_model(path: str | os.PathLike, field: str | None = None, step: int | No
         # A CLIP-objective run trains the image tower; the event tower starts as its copy.
         params["event_tower"] = jax.tree.map(np.copy, trained["image_tower"])
     return config, params, path / INIT_DIR
+
+
+def _clip_options(options: FileOptions) -> FileOptions:
+    """How to read clip_path: as ``options`` say, less clip_path itself."""
+    return dataclasses.replace(options, clip_path=None)
 
 
 # ----------------------------------------------------------------------------- the workdir

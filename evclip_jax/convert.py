@@ -116,7 +116,8 @@ def load_hf_config(hf_dir: str | os.PathLike) -> CLIPConfig:
         raise CheckpointError(f"{path}: {e}") from e
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file, read with NumPy (no torch, no pickle)."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -137,7 +138,7 @@ def read_hf_state_dict(hf_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray]
     index = hf_dir / "model.safetensors.index.json"
     torch_bin = hf_dir / "pytorch_model.bin"
     if single.is_file():
-        state, source = _read_safetensors(single), single
+        state, source = read_safetensors(single), single
     elif index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -145,7 +146,7 @@ def read_hf_state_dict(hf_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray]
             raise CheckpointError(f"{index}: expected a JSON object with 'weight_map'") from e
         state, source = {}, index
         for shard in shards:
-            state.update(_read_safetensors(hf_dir / shard))
+            state.update(read_safetensors(hf_dir / shard))
     elif torch_bin.is_file():
         try:
             import torch
