@@ -124,6 +124,9 @@ def infer_config(state: dict, source: Any, vision_heads: int | None = None,
                  text_heads: int | None = None, activation: str = "quick_gelu") -> CLIPConfig:
     """The CLIP architecture of an OpenAI-layout state dict: sizes from the shapes, heads
     width // 64 unless given, text pooling at the argmax token id (OpenAI's rule)."""
+    if any(key.startswith(("vision_model.", "text_model.")) for key in state):
+        raise CheckpointError(f"{source}: an HF CLIP state dict; give the HF dir it belongs to "
+                              "(config.json beside the weights)")
     vision, text = vision_sizes(state, source), _text_sizes(state, source)
     if vision["projection_dim"] != text["projection_dim"]:
         raise CheckpointError(

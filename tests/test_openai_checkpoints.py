@@ -22,7 +22,7 @@ import torch
 from hf_fixtures import make_tiny_hf_clip, rel_err
 from openai_fixtures import build_open_clip, image_features, open_clip, text_features, tokenize
 
-from evclip_jax import EventCLIP, checkpoint_files, convert, text, trainer
+from evclip_jax import EventCLIP, checkpoint_files, convert, openai_clip, text, trainer
 from evclip_jax.checkpoint_files import FileOptions
 from evclip_jax.models.clip import Towers
 
@@ -124,7 +124,10 @@ def test_wrappers_prefixes_and_safetensors_give_the_same_params(model, reference
     save_file(state, str(single))
     half = tmp_path / "fp16.bin"  # OpenAI's files hold float16 weights
     torch.save({k: v.half() for k, v in state.items()}, half)
-    for path in (wrapped, single):
+    openai = tmp_path / "openai.pt"  # the attributes OpenAI's JIT models keep in state_dict()
+    torch.save({**state, "input_resolution": torch.tensor(32), "context_length":
+                torch.tensor(CONTEXT), "vocab_size": torch.tensor(49408)}, openai)
+    for path in (wrapped, single, openai):
         _assert_same_params(EventCLIP.from_pretrained(path).params, model.params)
     x = _pixels(1)
     assert rel_err(EventCLIP.from_pretrained(half).encode_images(x),
@@ -168,6 +171,10 @@ def test_heads_and_activation_options(tmp_path):
     right = EventCLIP.from_pretrained(
         path, FileOptions(vision_heads=3, text_heads=2, activation="gelu"))
     assert right.config.text.hidden_act == "gelu"
+    assert openai_clip.loader_notes(right.config) == [
+        "the vision tower has 3 heads; OpenAI's loader builds 1",
+        "the text tower has 2 heads; OpenAI's loader builds 1",
+        "the activation is gelu; OpenAI's loader uses quick_gelu (open_clip: quick_gelu=False)"]
     _assert_matches(right, reference, reference)
 
 
@@ -251,6 +258,8 @@ def test_bad_files_name_the_file_and_what_was_expected(reference, tmp_path):
                          if not k.startswith("transformer.resblocks.0.attn.out_proj")},
                         r"missing key\(s\) \['transformer\.resblocks\.0\.attn\.out_proj"),
         "list.pt": ([1, 2], "holds a list; expected a state dict"),
+        "pytorch_model.bin": ({"vision_model.embeddings.class_embedding": torch.zeros(4)},
+                              "an HF CLIP state dict; give the HF dir"),
         "queue.pt": ({"checkpoint": {"encoder_k.x": torch.zeros(1), "queue": torch.zeros(1)}},
                      r"key 'queue' in a release checkpoint"),
     }
