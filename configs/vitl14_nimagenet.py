@@ -19,5 +19,5 @@ from evclip_jax.config_base import nimagenet_pretraining
 
 def get_config(arg=None):
     c = nimagenet_pretraining(arg)
-    c.model.remat = True  # 24 layers at batch 256: recompute blocks instead of storing them
+    c.model.remat = "matmuls"  # 24 layers at batch 256: keep matmul outputs, recompute the rest
     return c

@@ -36,7 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.text = ml_collections.ConfigDict()
     c.model.dtype = "float32"  # compute dtype; params, loss and optimizer stay float32
     c.model.attention_impl = ""  # "" (XLA picks), "xla" or "cudnn" (fused, GPU, bf16)
-    c.model.remat = False  # rematerialise each transformer block (memory for compute)
+    # What each transformer block keeps for backward (models.clip.REMAT_POLICIES): "none",
+    # "matmuls" (recompute LayerNorm, activation and attention) or "full" (recompute the block).
+    c.model.remat = "none"
 
     # evclip: L = ct_weight L_ct + zs_weight L_zs + kl_weight L_kl;
     # ezsr: L = mod_weight L_mod + ct_weight L_ct (InfoNCE); eventbind: L_htca;

@@ -13,7 +13,7 @@ def test_bench_step_equals_trainer_step(load_tool):
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # the tool's defaults (batch size of "tiny": 8)
     devices = jax.devices()[:2]
-    cfg, s, batch = bench.build_jax_step("tiny", "", dtype="float32", devices=devices)
+    cfg, s, batch = bench.build_jax_step("tiny", 8, {"model.dtype": "float32"}, devices=devices)
 
     # The same run set up as the trainer does: random CLIP from the config, class prompts of
     # data.prompt, step.setup.

@@ -60,7 +60,7 @@ def test_embed_vision_averages_frames():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def test_prompts_and_token_ids():
+def test_prompts_and_token_ids(monkeypatch):
     assert text.class_prompts("a photo of a {label}", ["cat", "dog"]) == [
         "a photo of a cat", "a photo of a dog"]
     with pytest.raises(ValueError, match=r"config.data.prompt='a photo'.*\{label\}"):
@@ -71,5 +71,6 @@ def test_prompts_and_token_ids():
     assert ids[0, 0] == ids[1, 0] and ids[0, 1] != ids[1, 1]
     assert list(ids[0, 2:]) == [63] + [0] * 5
     big = TowerConfig(**{**TEXT_CFG.__dict__, "vocab_size": text.CLIP_VOCAB_SIZE})
+    monkeypatch.setattr(text, "open_clip_tokenizer", lambda: None)  # as without open_clip
     with pytest.raises(ValueError, match="/ckpt/x: no tokenizer files"):
         text.token_ids(["a cat"], big, None, "/ckpt/x")

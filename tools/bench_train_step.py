@@ -161,9 +161,11 @@ def _flops(cost) -> float | None:
     return float(cost["flops"])
 
 
-def build_jax_step(model: str, attention: str, dtype: str = "bfloat16", devices=None):
+def build_jax_step(model: str, batch_size: int, overrides: dict | None = None, devices=None):
     """(config, step.Setup, batch): the trainer's step for ``model`` (step.setup from
-    base_config(), random params made on the device) and a random batch already placed."""
+    base_config() with ``overrides``, {"model.remat": "matmuls", ...}; random params made on
+    the device) and a random batch already placed. With ``data.teacher_emb`` the batch carries
+    precomputed image embeddings in place of the images (the cached-teacher step)."""
     import jax
     import jax.numpy as jnp
 
@@ -171,9 +173,11 @@ def build_jax_step(model: str, attention: str, dtype: str = "bfloat16", devices=
     from evclip_jax.models.clip import Towers
 
     clip_cfg = clip_config(model)
-    cfg = bench_config(batch_size_of(model))
-    cfg.model.dtype = dtype
-    cfg.model.attention_impl = attention
+    cfg = bench_config(batch_size)
+    cfg.model.dtype = "bfloat16"
+    for field, value in (overrides or {}).items():
+        section, name = field.split(".")
+        cfg[section][name] = value
     devices = jax.local_devices() if devices is None else devices
     if cfg.batch_size % len(devices):
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by {len(devices)} devices")
@@ -192,15 +196,18 @@ def build_jax_step(model: str, attention: str, dtype: str = "bfloat16", devices=
 
     v = clip_cfg.vision
     shape = (cfg.batch_size, v.image_size, v.image_size, v.num_channels)
+    second = "teacher_emb" if cfg.data.teacher_emb else "images"
 
     def make_batch(key):
         k1, k2, k3 = jax.random.split(key, 3)
+        other = (jax.random.normal(k2, (cfg.batch_size, v.projection_dim), jnp.float32)
+                 if cfg.data.teacher_emb else jax.random.normal(k2, shape, jnp.float32))
         return {"events": jax.random.uniform(k1, shape, jnp.float32, -1.0, 1.0),
-                "images": jax.random.normal(k2, shape, jnp.float32),
+                second: other,
                 "labels": jax.random.randint(k3, (cfg.batch_size,), 0, NUM_CLASSES, jnp.int32)}
 
     batch_sh = {"events": sharding.batch_sharding(mesh, 4),
-                "images": sharding.batch_sharding(mesh, 4),
+                second: sharding.batch_sharding(mesh, 2 if cfg.data.teacher_emb else 4),
                 "labels": sharding.batch_sharding(mesh, 1)}
     batch = jax.jit(make_batch, out_shardings=batch_sh)(jax.random.key(1))
     return cfg, setup, batch
@@ -221,7 +228,8 @@ def jax_bench(model: str, attention: str, steps: int, repeats: int, warmup: int)
     def phase(what: str) -> None:
         print(f"  [{time.perf_counter() - t_start:6.1f} s] {what}", flush=True)
 
-    cfg, s, batch = build_jax_step(model, attention)
+    cfg, s, batch = build_jax_step(model, batch_size_of(model),
+                                   {"model.attention_impl": attention})
     state, frozen, text_emb = s.state, s.frozen, s.classes
     mesh = text_emb.sharding.mesh
     devices = jax.local_devices()

@@ -28,6 +28,15 @@ _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
 
+# What a transformer block keeps for the backward pass (``model.remat``): "none" keeps every
+# activation; "matmuls" keeps the outputs of the block's six weight matmuls and recomputes the
+# rest (LayerNorms, the activation, attention); "full" keeps only the block's input.
+REMAT_POLICIES = {
+    "none": None,
+    "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class TowerConfig:
@@ -211,7 +220,7 @@ class Encoder(nn.Module):
     dtype: Dtype
     causal: bool
     attention_impl: str | None = None
-    remat: bool = False
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x):
@@ -222,11 +231,40 @@ class Encoder(nn.Module):
             # the sequence lengths, and drop it at the end.
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
             lengths = jnp.full((x.shape[0],), length, jnp.int32)
-        layer_cls = nn.remat(EncoderLayer) if self.remat else EncoderLayer
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+        layer_cls = EncoderLayer
+        if self.remat != "none":
+            layer_cls = nn.remat(EncoderLayer, policy=REMAT_POLICIES[self.remat])
         for i in range(self.cfg.num_hidden_layers):
             x = layer_cls(self.cfg, self.dtype, self.causal, self.attention_impl,
                           name=f"layers_{i}")(x, lengths)
         return x[:, :length]
+
+
+class PatchEmbedding(nn.Module):
+    """HF's stride-p ``Conv2d`` patch embedding (kernel [p, p, C, D], no bias), computed as one
+    matmul of the flattened patches: the GPU runs that far faster than the convolution."""
+
+    cfg: TowerConfig
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, pixel_values):
+        cfg = self.cfg
+        p, c, grid = cfg.patch_size, cfg.num_channels, cfg.image_size // cfg.patch_size
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(_KERNEL_INIT, (None, None, "channels", "embed")),
+            (p, p, c, cfg.hidden_size),
+            jnp.float32,
+        )
+        b = pixel_values.shape[0]
+        # A "VALID" convolution ignores the pixels past the last whole patch.
+        x = pixel_values[:, : grid * p, : grid * p].astype(self.dtype)
+        x = x.reshape(b, grid, p, grid, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b, grid * grid, p * p * c)  # each patch flattened as (row, col, channel)
+        return x @ kernel.astype(self.dtype).reshape(p * p * c, cfg.hidden_size)
 
 
 class VisionEmbeddings(nn.Module):
@@ -236,20 +274,8 @@ class VisionEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, pixel_values):
         cfg = self.cfg
-        patches = nn.Conv(
-            cfg.hidden_size,
-            kernel_size=(cfg.patch_size, cfg.patch_size),
-            strides=(cfg.patch_size, cfg.patch_size),
-            padding="VALID",
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=nn.with_logical_partitioning(
-                _KERNEL_INIT, (None, None, "channels", "embed")),
-            name="patch_embedding",
-        )(pixel_values.astype(self.dtype))
+        patches = PatchEmbedding(cfg, self.dtype, name="patch_embedding")(pixel_values)
         b = patches.shape[0]
-        patches = patches.reshape(b, -1, cfg.hidden_size)
         cls = self.param(
             "class_embedding",
             nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
@@ -276,7 +302,7 @@ class VisionTransformer(nn.Module):
     cfg: TowerConfig
     dtype: Dtype
     attention_impl: str | None = None
-    remat: bool = False
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, pixel_values):
@@ -300,7 +326,7 @@ class TextTransformer(nn.Module):
     cfg: TowerConfig
     dtype: Dtype
     attention_impl: str | None = None
-    remat: bool = False
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, input_ids):
@@ -360,7 +386,7 @@ class VisionTower(nn.Module):
     cfg: TowerConfig
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
-    remat: bool = False
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, pixel_values):
@@ -380,7 +406,7 @@ class TextTower(nn.Module):
     cfg: TowerConfig
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
-    remat: bool = False
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, input_ids):
@@ -397,7 +423,7 @@ class Towers:
     config: CLIPConfig
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
-    remat: bool = False
+    remat: str = "none"
 
     @property
     def vision(self) -> VisionTower:
