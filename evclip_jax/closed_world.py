@@ -28,7 +28,7 @@ from evclip_jax.api import EventCLIP
 from evclip_jax.data import records
 from evclip_jax.data.synthetic import make_closed_world
 from evclip_jax.evaluate import report
-from evclip_jax.evaluate.runner import parse_class_ids
+from evclip_jax.evaluate.settings import parse_class_ids
 
 TEACHER_HF = "hf"
 

@@ -23,7 +23,7 @@ from evclip_jax.evaluate.retrieval import (
     recall_curve,
     retrieval_metrics,
 )
-from evclip_jax.evaluate.runner import parse_class_ids
+from evclip_jax.evaluate.settings import parse_class_ids
 from evclip_jax.evaluate.zeroshot import (
     evaluate_zeroshot,
     top_k_accuracy,
