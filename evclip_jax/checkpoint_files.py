@@ -54,6 +54,14 @@ class FileOptions:
                 raise ValueError(f"{name}={value}; expected a positive number of heads or None")
 
 
+def options_from_config(section) -> FileOptions:
+    """FileOptions of a config section (``config.model.checkpoint_file``); "" and 0 mean unset."""
+    return FileOptions(clip_path=section.clip_path or None,
+                       vision_heads=section.vision_heads or None,
+                       text_heads=section.text_heads or None,
+                       activation=section.activation, trust_jit=bool(section.trust_jit))
+
+
 # ----------------------------------------------------------------------------- reading files
 
 

@@ -30,7 +30,13 @@ def base_config() -> ml_collections.ConfigDict:
     assert c.sharding_rules[0] == ("batch", list(BATCH_AXES))
 
     c.model = ml_collections.ConfigDict()
-    c.model.checkpoint = ""  # HF CLIP dir or evclip checkpoint dir (tools/convert_hf_clip.py)
+    # Any model path: an HF CLIP dir, an evclip checkpoint dir, a training workdir, or a
+    # checkpoint FILE in OpenAI layout (OpenAI clip, open_clip, the paper's release), read as
+    # model.checkpoint_file says (checkpoint_files.FileOptions; "" / 0: not set).
+    c.model.checkpoint = ""
+    c.model.checkpoint_file = ml_collections.ConfigDict(
+        {"clip_path": "", "vision_heads": 0, "text_heads": 0, "activation": "quick_gelu",
+         "trust_jit": False})
     c.model.allow_random_init = False  # True: a random CLIP built from model.vision/model.text
     c.model.vision = ml_collections.ConfigDict()  # TowerConfig fields, for random init only
     c.model.text = ml_collections.ConfigDict()

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from evclip_jax import checkpoints, convert, embed, objectives, sharding, step, text
+from evclip_jax.checkpoint_files import options_from_config
 from evclip_jax.evaluate import runner
 from evclip_jax.models.clip import CLIPConfig, TowerConfig
 
@@ -47,7 +48,8 @@ def model_config(config) -> CLIPConfig:
     """The CLIP architecture: from model.checkpoint when given, else from config.model."""
     m = config.model
     if m.checkpoint:
-        return checkpoints.load_model_config(m.checkpoint, "config.model.checkpoint")
+        return checkpoints.load_model_config(m.checkpoint, "config.model.checkpoint",
+                                             options_from_config(m.checkpoint_file))
     if not m.allow_random_init:
         raise ValueError("config.model.checkpoint: empty; give an HF CLIP dir, an evclip "
                          "checkpoint dir or a training workdir (or set model.allow_random_init "
@@ -66,8 +68,9 @@ def write_init_dir(config, workdir: Path, towers) -> Path:
         return init_dir
     if jax.process_index() == 0:
         if config.model.checkpoint:
-            _, params, tok_dir = checkpoints.load_model(config.model.checkpoint,
-                                                        "config.model.checkpoint")
+            _, params, tok_dir = checkpoints.load_model(
+                config.model.checkpoint, "config.model.checkpoint",
+                options=options_from_config(config.model.checkpoint_file))
         else:
             params, tok_dir = jax.device_get(towers.init(jax.random.key(config.seed))), None
         convert.save_evclip(params, towers.config, init_dir, tokenizer_dir=tok_dir)

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -24,6 +23,7 @@ from openai_fixtures import build_open_clip, image_features, open_clip, text_fea
 
 from evclip_jax import EventCLIP, checkpoint_files, convert, openai_clip, text, trainer
 from evclip_jax.checkpoint_files import FileOptions
+from evclip_jax.config_base import base_config
 from evclip_jax.models.clip import Towers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,6 +176,11 @@ def test_heads_and_activation_options(tmp_path):
         "the text tower has 2 heads; OpenAI's loader builds 1",
         "the activation is gelu; OpenAI's loader uses quick_gelu (open_clip: quick_gelu=False)"]
     _assert_matches(right, reference, reference)
+    # The same options as config fields (config.model.checkpoint_file) for the trainer.
+    config = base_config()
+    config.model.checkpoint = str(path)
+    config.model.checkpoint_file.update(vision_heads=3, text_heads=2, activation="gelu")
+    assert trainer.model_config(config) == right.config
 
 
 def test_jit_archive_needs_the_trust_flag(reference, model, tmp_path):
@@ -364,8 +369,8 @@ def test_convert_tool_and_config_accept_files(load_tool, release_file, state_fil
                           tokenizer_dir=str(tmp_path), log=lines.append)
 
     # config.model.checkpoint: the trainer's architecture and its workdir/init.
-    config = ml_collections.ConfigDict({"model": {"checkpoint": str(release_file),
-                                                  "allow_random_init": False}, "seed": 0})
+    config = base_config()
+    config.model.checkpoint = str(release_file)
     clip_config = trainer.model_config(config)
     assert clip_config == release_model.config
     assert checkpoint_files.load_file_config(state_file) == clip_config

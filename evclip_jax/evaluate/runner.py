@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from evclip_jax import adapter as adapter_lib
 from evclip_jax import checkpoints, embed, sharding, step, text
+from evclip_jax.checkpoint_files import options_from_config
 from evclip_jax.data import records
 from evclip_jax.evaluate.anomaly import evaluate_anomaly
 from evclip_jax.evaluate.common import batch_axes_of, collect_labels, embed_batches, embed_dataset
@@ -394,7 +395,8 @@ def evaluate_checkpoint(config, workdir: str | os.PathLike,
     field = "config.eval.checkpoint" if config.eval.checkpoint else "--workdir"
     path = Path(config.eval.checkpoint or workdir)
     evals = check_eval_config(config)
-    clip_config, params, tok_dir = checkpoints.load_model(path, field)
+    clip_config, params, tok_dir = checkpoints.load_model(
+        path, field, options=options_from_config(config.model.checkpoint_file))
     step_no = checkpoints.latest_step(path) if checkpoints.is_workdir(path) else 0
     towers = step.make_towers(config, clip_config)
     base = path if checkpoints.is_workdir(path) else workdir
