@@ -22,6 +22,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from evclip_jax.models.clip import CLIPConfig, Towers
 
@@ -61,8 +62,10 @@ def _from_hf_value(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
 
 
 def _flatten(tree: dict) -> dict[tuple[str, ...], object]:
+    """{path: leaf}; list positions (Orbax metadata of optimizer states) count as keys too."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {tuple(k.key for k in path): leaf for path, leaf in leaves}
+    return {tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+            for path, leaf in leaves}
 
 
 def _unflatten(flat: dict[tuple[str, ...], object]) -> dict:
@@ -117,12 +120,16 @@ def load_hf_config(hf_dir: str | os.PathLike) -> CLIPConfig:
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of one safetensors file, read with NumPy (no torch, no pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    """Every tensor of one safetensors file, read with NumPy (no torch, no pickle), tensor by
+    tensor under a progress bar with an ETA (a ViT-L/14 file is about 1.7 GB)."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="numpy") as f:
+            keys = list(f.keys())
+            return {k: f.get_tensor(k) for k in tqdm(
+                keys, desc=f"reading {Path(path).name}", unit="tensor", leave=False,
+                disable=len(keys) < 2)}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from e
 
@@ -164,7 +171,9 @@ def read_hf_state_dict(hf_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray]
         raise CheckpointError(
             f"{hf_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
         )
-    return {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}, source
+    state = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
+    check_finite(state, source)
+    return state, source
 
 
 def state_dict_to_params(state: dict[str, np.ndarray], config: CLIPConfig,
@@ -310,16 +319,25 @@ def is_evclip_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / "evclip.json").is_file()
 
 
+def local_checkpointer():
+    """An Orbax checkpointer of this process alone. Evclip dirs hold host NumPy trees that one
+    process writes and each reads; Orbax's default would wait for every process of a
+    multi-process run at each save and restore."""
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
+
+
 def save_evclip(params: dict, config: CLIPConfig, out_dir: str | os.PathLike,
                 tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Writes an evclip checkpoint dir: evclip.json + Orbax ``params/`` (+ tokenizer files)."""
-    import orbax.checkpoint as ocp
-
     with _AtomicDir(out_dir, overwrite) as tmp:
         meta = {"format": EVCLIP_FORMAT, "version": EVCLIP_VERSION,
                 "clip_config": config.to_hf_dict()}
         (tmp / "evclip.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        with ocp.StandardCheckpointer() as ckptr:
+        with local_checkpointer() as ckptr:
             ckptr.save(tmp.absolute() / "params", jax.tree.map(np.asarray, params))
         _copy_tokenizer(Path(tokenizer_dir) if tokenizer_dir else None, tmp)
     return Path(out_dir)
@@ -357,14 +375,25 @@ def check_tree_matches(found: dict, expected: dict, source: str | os.PathLike) -
         raise CheckpointError(f"{source}: unexpected key(s) {extra[:5]}")
 
 
+def check_finite(tree: dict, source: str | os.PathLike) -> None:
+    """Raises CheckpointError naming the first key that holds a NaN or an infinity: a
+    damaged checkpoint would otherwise train or evaluate on without a word."""
+    flat = _flatten(tree)
+    finite = jax.device_get([  # device arrays are checked where they live, then read at once
+        np.isfinite(leaf).all() if isinstance(leaf, np.ndarray | np.generic)
+        else jax.numpy.isfinite(leaf).all() for leaf in flat.values()])
+    for path, ok in zip(flat, finite, strict=True):
+        if not ok:
+            raise CheckpointError(f"{source}: key {'/'.join(path)!r} holds NaN or infinite "
+                                  "values")
+
+
 def restore_checked(params_dir: str | os.PathLike, abstract: dict) -> dict:
     """Restores an Orbax pytree after checking its stored shapes against ``abstract``."""
-    import orbax.checkpoint as ocp
-
     params_dir = Path(params_dir).absolute()
     if not params_dir.is_dir():
         raise CheckpointError(f"{params_dir}: missing; expected an Orbax checkpoint dir")
-    with ocp.StandardCheckpointer() as ckptr:
+    with local_checkpointer() as ckptr:
         try:
             meta = ckptr.metadata(params_dir)
         except Exception as e:  # Orbax raises assorted types for unreadable metadata
@@ -372,7 +401,9 @@ def restore_checked(params_dir: str | os.PathLike, abstract: dict) -> dict:
         tree = getattr(meta, "item_metadata", meta)
         tree = getattr(tree, "tree", tree)
         check_tree_matches(tree, abstract, params_dir)
-        return ckptr.restore(params_dir, abstract)
+        params = ckptr.restore(params_dir, abstract)
+    check_finite(params, params_dir)
+    return params
 
 
 def load_evclip(path: str | os.PathLike) -> tuple[CLIPConfig, dict]:
