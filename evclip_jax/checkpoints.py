@@ -165,15 +165,13 @@ def restore_trained(workdir: str | os.PathLike, config: CLIPConfig, step: int | 
                     ) -> dict:
     """The trained params of a workdir's checkpoint, onto one device, whatever mesh saved them:
     the towers it trained and ``logit_scale``, shapes checked against ``config``."""
-    import orbax.checkpoint as ocp
-
     workdir = Path(workdir)
     step = latest_step(workdir) if step is None else step
     if step is None:
         raise convert.CheckpointError(f"{workdir / CHECKPOINT_DIR}: no complete checkpoint")
     state_dir = (workdir / CHECKPOINT_DIR / str(step) / "state").absolute()
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    with ocp.StandardCheckpointer() as ckptr:
+    with convert.local_checkpointer() as ckptr:
         tree = ckptr.metadata(state_dir)
         tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
         abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),

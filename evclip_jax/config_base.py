@@ -156,6 +156,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.adapter.lr = 1e-2
     c.adapter.temperature = 0.07
 
+    # Multi-process runs (distributed.py): one process per TPU VM host or per GPU. Settings left
+    # empty come from the cluster (SLURM, Cloud TPU, Open MPI, JAX_COORDINATOR_ADDRESS).
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = "auto"  # "auto": when a cluster is detected | "on" | "off"
+    c.distributed.coordinator_address = ""  # host:port of process 0
+    c.distributed.num_processes = 0  # 0: from the cluster
+    c.distributed.process_id = -1  # -1: from the cluster
+    c.distributed.initialization_timeout_s = 300  # all processes must join within this
+    c.distributed.heartbeat_timeout_s = 100  # a process silent this long is lost: all stop
+
     # A jax.profiler trace of training steps [start_step, start_step + num_steps) in
     # <workdir>/profile, by process 0: TensorBoard's profile plugin reads it, Perfetto
     # opens its perfetto_trace.json.gz. num_steps 0: no trace. Steps count from 0; start

@@ -4,7 +4,8 @@ Modes: ``train`` (the objective of config.objective, resuming from the workdir's
 checkpoint), ``eval`` (every evaluator in config.eval, video anomaly included, on
 ``--config.eval.checkpoint`` or the workdir), and ``export`` (the workdir's trained tower as an
 HF dir).
-Multi-host runs (TPU pods, SLURM GPU clusters) go through ``jax.distributed``.
+Multi-process runs (TPU pods, SLURM GPU clusters, launch/local_multiprocess.sh) join through
+``evclip_jax.distributed`` (settings in ``config.distributed``).
 """
 
 from __future__ import annotations
@@ -24,18 +25,7 @@ flags.DEFINE_string("export_dir", None, "--mode export: output dir (default work
 flags.DEFINE_string("eval_dir", None, "--mode eval: report dir (default workdir/eval).")
 flags.DEFINE_enum("export_tower", "event", ["event", "image", "clip"],
                   "--mode export: which tower to write.")
-flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                  "Call jax.distributed.initialize(): auto = when a cluster environment "
-                  "(TPU pod, SLURM with several tasks, JAX_COORDINATOR_ADDRESS) is detected.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _in_cluster() -> bool:
-    env = os.environ
-    return bool(env.get("JAX_COORDINATOR_ADDRESS")
-                or int(env.get("SLURM_NTASKS", "1")) > 1
-                or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-                or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
 
 
 class _QuietLibraries(logging.Filter):
@@ -51,8 +41,9 @@ def main(argv):
     logging.getLogger("absl").addFilter(_QuietLibraries())
     import jax
 
-    if FLAGS.distributed == "on" or (FLAGS.distributed == "auto" and _in_cluster()):
-        jax.distributed.initialize()
+    from evclip_jax import distributed
+
+    distributed.initialize(FLAGS.config.distributed)
     logging.info("JAX process %d/%d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     if FLAGS.mode == "train":

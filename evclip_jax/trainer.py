@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from evclip_jax import checkpoints, convert, embed, objectives, sharding, step, text
 from evclip_jax.checkpoint_files import options_from_config
@@ -61,12 +62,7 @@ def model_config(config) -> CLIPConfig:
 def write_init_dir(config, workdir: Path, towers) -> Path:
     """workdir/init: the towers the run starts from, stored once (by process 0)."""
     init_dir = workdir / checkpoints.INIT_DIR
-    if convert.is_evclip_dir(init_dir):
-        if convert.load_evclip_config(init_dir) != towers.config:
-            raise ValueError(f"{init_dir}/evclip.json: the stored model differs from the "
-                             "config's; use a fresh --workdir")
-        return init_dir
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not convert.is_evclip_dir(init_dir):
         if config.model.checkpoint:
             _, params, tok_dir = checkpoints.load_model(
                 config.model.checkpoint, "config.model.checkpoint",
@@ -74,6 +70,10 @@ def write_init_dir(config, workdir: Path, towers) -> Path:
         else:
             params, tok_dir = jax.device_get(towers.init(jax.random.key(config.seed))), None
         convert.save_evclip(params, towers.config, init_dir, tokenizer_dir=tok_dir)
+    multihost_utils.sync_global_devices("workdir/init written")  # before any process reads it
+    if convert.load_evclip_config(init_dir) != towers.config:
+        raise ValueError(f"{init_dir}/evclip.json: the stored model differs from the "
+                         "config's; use a fresh --workdir")
     return init_dir
 
 
@@ -93,13 +93,22 @@ def class_inputs(config, objective, towers, params: dict, tokenizer, class_names
 
 
 class Preemption:
-    """Turns SIGTERM into a flag the loop polls, so it can save before exiting."""
+    """Turns SIGTERM into a flag the loop polls, so it can save before exiting.
+
+    Only in a single-process run: with several processes, SIGTERM goes to the handler of JAX's
+    preemption sync (installed by jax.distributed), and ``mngr.reached_preemption`` sets the
+    flag at the same step in every process; a flag set in one process alone would leave the
+    others waiting in the next step's collectives.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
 
     def __enter__(self):
+        if jax.process_count() > 1:
+            return self
+
         def handler(signum, frame):
             logging.warning("SIGTERM received: saving a checkpoint and stopping")
             self.requested = True
@@ -243,7 +252,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer = metric_writers.create_default_writer(
         str(workdir / "tensorboard"), just_logging=jax.process_index() > 0)
     writer.write_hparams(flat_config(config))
-    order_log = (workdir / "data_order.jsonl").open("a") if config.debug.log_data_order else None
+    log_order = config.debug.log_data_order
+    order_log = ((workdir / "data_order.jsonl").open("a", buffering=1)  # a line per step
+                 if log_order and jax.process_index() == 0 else None)
 
     # The loop. Metrics are read one step late, so the host never waits on the step it queued.
     last_saved = mngr.latest_step()
@@ -266,9 +277,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         while at < total_steps:
             trace.before_step(at)
             batch = next(batches)
-            if order_log is not None:
-                order_log.write(json.dumps({"step": at, "labels": np.asarray(
-                    jax.device_get(batch["labels"])).tolist()}) + "\n")
+            if log_order:  # the global batch's labels, gathered from every process
+                labels = multihost_utils.process_allgather(batch["labels"], tiled=True)
+                if order_log is not None:
+                    order_log.write(json.dumps({"step": at, "labels": labels.tolist()}) + "\n")
             state, metrics = s.step_fn(state, s.frozen, s.classes, batch)
             if pending is not None:
                 history = finite(*pending)
@@ -287,8 +299,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                       if k.startswith("loss_")),
                              history["samples_per_sec_per_device"],
                              _hms((total_steps - at) * config.batch_size / max(rate, 1e-9)))
+            if mngr.reached_preemption(at):  # several processes: all stop at this step
+                preempt.requested = True
             if (at % config.checkpoint.every_steps == 0 or at == total_steps
-                    or preempt.requested or mngr.reached_preemption(at)):
+                    or preempt.requested):
                 finite(metrics, at)
                 checkpoints.save_state(mngr, at, state, force=True)
                 last_saved = at

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import jax
+from jax.experimental import multihost_utils
 
 from evclip_jax.data import records
 from evclip_jax.data.synthetic import make_synthetic_dataset
@@ -24,6 +25,7 @@ def prepare_data(config, workdir: Path, image_size: int) -> Path:
                                    num_shards=s.num_shards,
                                    representation=config.data.representation,
                                    num_frames=config.data.num_frames)
+        multihost_utils.sync_global_devices("synthetic data written")  # before others read it
         return data_dir
     if not config.data.dir:
         raise ValueError("config.data.dir: empty; expected a dir of TFRecord shards with "
