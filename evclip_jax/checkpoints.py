@@ -7,7 +7,7 @@ A model path is one of:
 * an evclip checkpoint dir (``evclip.json`` + Orbax ``params/``, written by ``save_evclip``);
 * a training workdir: ``init/`` (an evclip dir: the towers the run started from, stored once)
   and ``checkpoints/<step>/`` (Orbax: ``state`` = the trainable params and optimizer state,
-  ``data`` = {"step"}). The trained towers of the latest (or a given) step replace the
+  ``data`` = {"step", "train"}). The trained towers of the latest (or a given) step replace the
   starting ones;
 * a checkpoint FILE (.pt, .pth, .bin, .safetensors) in OpenAI layout: OpenAI's ``clip``,
   open_clip, or the paper's release (checkpoint_files.py); ``checkpoint_files.FileOptions`` says
@@ -20,7 +20,9 @@ package decides what kind of path it was given.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
 from pathlib import Path
 
 import flax
@@ -33,7 +35,6 @@ from evclip_jax.models.clip import CLIPConfig, Towers
 
 INIT_DIR = "init"
 CHECKPOINT_DIR = "checkpoints"
-ITEMS = ("state", "data")
 KINDS = {"workdir": "training workdir", "evclip": "evclip checkpoint", "hf": "HF CLIP dir",
          "file": "OpenAI-layout checkpoint file"}
 _EXPECTED_KINDS = ("a training workdir (init/ + checkpoints/), an evclip checkpoint dir "
@@ -120,71 +121,209 @@ def is_workdir(path: str | os.PathLike) -> bool:
     return convert.is_evclip_dir(Path(path) / INIT_DIR)
 
 
+class CheckpointSaveError(RuntimeError):
+    """Writing a step checkpoint failed (a full disk, a lost mount); the complete ones written
+    before it are untouched."""
+
+
 def checkpoint_manager(workdir: str | os.PathLike, *, keep: int | None = None,
                        every_steps: int = 1, async_save: bool = False):
-    """The Orbax manager of ``workdir/checkpoints`` (items "state" and "data")."""
+    """The Orbax manager of ``workdir/checkpoints``: items "state" (the TrainState) and "data"
+    ({"step", "train": the last logged training metrics}). The item handlers are given, so the
+    stored shapes can be read (``item_metadata``) and checked before a restore."""
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=every_steps,
         enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager((Path(workdir) / CHECKPOINT_DIR).absolute(), options=options,
-                                 item_names=ITEMS)
+    return ocp.CheckpointManager(
+        (Path(workdir) / CHECKPOINT_DIR).absolute(), options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
 
 
-def save_state(mngr, step: int, state, force: bool = False) -> bool:
+def save_state(mngr, step: int, state, train: dict | None = None) -> None:
+    """Starts saving ``state`` as ``step`` (in the background with async_save). A failure,
+    of this save or of an earlier one still running, raises CheckpointSaveError."""
     import orbax.checkpoint as ocp
 
-    return mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"step": step})),
-        force=force)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave({"step": step, "train": train or {}}))
+    try:
+        mngr.save(step, args=args, force=True)
+    except Exception as e:  # Orbax re-raises whatever its writer threads met
+        raise _save_failed(mngr, e) from None
 
 
-def restore_state(mngr, step: int, state):
-    """(state, data) of ``step`` restored onto ``state``'s shapes and shardings; the stored
-    shapes are checked first, and a mismatch names the step dir and key."""
+def wait_for_saves(mngr) -> None:
+    """Blocks until background saves are complete; CheckpointSaveError if one failed."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:  # as in save_state
+        raise _save_failed(mngr, e) from None
+
+
+def _save_failed(mngr, error: Exception) -> CheckpointSaveError:
+    """One line: the step dir that was being written, the cause, the newest complete step."""
+    directory = Path(mngr.directory)
+    # The step being written: Orbax's message names its temporary dir; else the oldest one.
+    named = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(error))
+    partial = sorted(int(p.name.split(".")[0]) for p in directory.glob("*.orbax-checkpoint-tmp*"))
+    step = named.group(1) if named else (partial[0] if partial else None)
+    where = directory / str(step) if step is not None else directory
+    text = _first_line(error)
+    code = re.search(r"os_error_code='?(\d+)", text)
+    cause = f"{os.strerror(int(code.group(1)))} (errno {code.group(1)})" if code else text
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+    kept = directory / str(max(steps)) if steps else "none"
+    return CheckpointSaveError(f"{where}: saving the checkpoint failed: {cause}. The newest "
+                               f"complete checkpoint is {kept}")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _restore_step(mngr, step: int, state):
+    """(state, data) of one step, checked: every item present, the stored shapes those of
+    ``state`` (the model's), every value finite. CheckpointError naming the step dir and key."""
     import orbax.checkpoint as ocp
 
     where = Path(mngr.directory) / str(step)
-    meta = mngr.item_metadata(step)
-    tree = getattr(meta, "state", None)
-    if tree is not None:
-        tree = getattr(tree, "tree", tree)
-        convert.check_tree_matches(
-            jax.tree.map(lambda m: np.empty(m.shape, np.uint8), tree,
-                         is_leaf=lambda x: hasattr(x, "shape")),
-            flax.serialization.to_state_dict(state), where)
+    try:
+        meta = mngr.item_metadata(step)
+    except Exception as e:  # Orbax raises assorted types for unreadable metadata
+        raise convert.CheckpointError(f"{where}: unreadable ({_first_line(e)})") from e
+    tree = meta["state"] if meta is not None and "state" in meta.keys() else None
+    if tree is None:
+        raise convert.CheckpointError(f"{where / 'state'}: missing or unreadable")
+    tree = getattr(tree, "tree", tree)
+    convert.check_tree_matches(
+        jax.tree.map(lambda m: np.empty(m.shape, np.uint8), tree,
+                     is_leaf=lambda x: hasattr(x, "shape")),
+        flax.serialization.to_state_dict(state), where / "state")
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-    return out["state"], out["data"]
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    except Exception as e:  # TensorStore and Orbax errors of a truncated or missing file
+        raise convert.CheckpointError(f"{where}: cannot be read ({_first_line(e)})") from e
+    data = out["data"]
+    if not isinstance(data, dict) or "step" not in data:
+        raise convert.CheckpointError(f"{where / 'data'}: missing or without 'step'")
+    convert.check_finite(flax.serialization.to_state_dict(out["state"]), where / "state")
+    return out["state"], data
+
+
+def restore_latest(mngr, state):
+    """(state, data) of the newest checkpoint that restores onto ``state``'s shapes and
+    shardings; None when there is none.
+
+    A step that does not restore (truncated file, missing item, shapes of another model,
+    non-finite values) is reported with a warning and the previous complete step is tried;
+    once one restores, the failed newer ones are moved aside to ``<step>.damaged`` (kept, not
+    deleted) so that the resumed run can write those steps again. CheckpointError naming the
+    newest step dir and key when no step restores.
+    """
+    failed = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            restored = _restore_step(mngr, step, state)
+        except convert.CheckpointError as e:
+            logging.warning("checkpoint step %d is unusable: %s; trying the previous one",
+                            step, e)
+            failed.append((step, e))
+            continue
+        if failed:
+            _move_aside(mngr, [s for s, _ in failed])
+            logging.warning("resuming from %s, the newest complete checkpoint",
+                            Path(mngr.directory) / str(step))
+        return restored
+    if failed:
+        more = f" (and {len(failed) - 1} older step(s))" if len(failed) > 1 else ""
+        raise convert.CheckpointError(f"no checkpoint in {mngr.directory} restores: "
+                                      f"{failed[0][1]}{more}")
+    return None
+
+
+def _move_aside(mngr, steps: list[int]) -> None:
+    """Renames step dirs to ``<step>.damaged`` (process 0), out of Orbax's sight."""
+    from jax.experimental import multihost_utils
+
+    directory = Path(mngr.directory)
+    if jax.process_index() == 0:
+        for step in steps:
+            target = directory / f"{step}.damaged"
+            n = 1
+            while target.exists():
+                target, n = directory / f"{step}.damaged{n}", n + 1
+            os.rename(directory / str(step), target)
+            logging.warning("moved the unusable checkpoint %s aside to %s",
+                            directory / str(step), target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("evclip_jax: damaged checkpoints moved aside")
+    mngr.reload()
 
 
 def restore_trained(workdir: str | os.PathLike, config: CLIPConfig, step: int | None = None
                     ) -> dict:
     """The trained params of a workdir's checkpoint, onto one device, whatever mesh saved them:
-    the towers it trained and ``logit_scale``, shapes checked against ``config``."""
+    the towers it trained and ``logit_scale``, shapes checked against ``config``, values
+    finite. ``step`` None: the newest step that reads, with a warning for each newer one that
+    does not; CheckpointError naming the step dir and key otherwise."""
     workdir = Path(workdir)
-    step = latest_step(workdir) if step is None else step
-    if step is None:
+    steps = [step] if step is not None else _complete_steps(workdir)[::-1]
+    if not steps:
         raise convert.CheckpointError(f"{workdir / CHECKPOINT_DIR}: no complete checkpoint")
-    state_dir = (workdir / CHECKPOINT_DIR / str(step) / "state").absolute()
+    for candidate in steps[:-1]:
+        try:
+            return _read_trained(workdir / CHECKPOINT_DIR / str(candidate) / "state", config)
+        except convert.CheckpointError as e:
+            logging.warning("checkpoint step %d is unusable: %s; reading the previous one",
+                            candidate, e)
+    return _read_trained(workdir / CHECKPOINT_DIR / str(steps[-1]) / "state", config)
+
+
+def _read_trained(state_dir: Path, config: CLIPConfig) -> dict:
+    state_dir = state_dir.absolute()
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with convert.local_checkpointer() as ckptr:
-        tree = ckptr.metadata(state_dir)
+        try:
+            tree = ckptr.metadata(state_dir)
+        except Exception as e:  # Orbax and TensorStore errors of a damaged dir
+            raise convert.CheckpointError(f"{state_dir}: cannot be read ({_first_line(e)})"
+                                          ) from e
         tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
+        if not isinstance(tree, dict):  # Orbax logs why and hands back the step's metadata
+            raise convert.CheckpointError(f"{state_dir}: cannot be read (its array metadata "
+                                          "is missing or damaged)")
         abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
                                 tree, is_leaf=lambda x: hasattr(x, "shape"))
-        trained = ckptr.restore(state_dir, abstract)["params"]
+        try:
+            trained = ckptr.restore(state_dir, abstract)["params"]
+        except Exception as e:  # as above
+            raise convert.CheckpointError(f"{state_dir}: cannot be read ({_first_line(e)})"
+                                          ) from e
     expected = Towers(config).abstract_params()
     keep = [k for k in expected if k in trained]
     convert.check_tree_matches({k: trained[k] for k in keep}, {k: expected[k] for k in keep},
                                state_dir)
-    return {k: jax.device_get(trained[k]) for k in keep}
+    trained = {k: jax.device_get(trained[k]) for k in keep}
+    convert.check_finite(trained, state_dir)
+    return trained
 
 
 def latest_step(workdir: str | os.PathLike) -> int | None:
     """The latest complete checkpoint step of a workdir (None when it has none)."""
+    steps = _complete_steps(workdir)
+    return steps[-1] if steps else None
+
+
+def _complete_steps(workdir: str | os.PathLike) -> list[int]:
+    """The complete checkpoint steps of a workdir, ascending; creates nothing."""
+    if not (Path(workdir) / CHECKPOINT_DIR).is_dir():
+        return []
     with checkpoint_manager(workdir) as mngr:
-        return mngr.latest_step()
+        return sorted(mngr.all_steps())

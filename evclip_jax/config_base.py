@@ -6,6 +6,7 @@ the paper and METHOD.md; each release deviation is a named field with a comment.
 
 from __future__ import annotations
 
+import json
 import math
 
 import ml_collections
@@ -89,6 +90,12 @@ def base_config() -> ml_collections.ConfigDict:
         {"enabled": True, "shift_px": 20, "crop_scale": (0.45, 1.0),
          "crop_ratio": (3 / 4, 4 / 3), "hflip": True})
     c.data.skip_bad_records = False  # True: skip and count corrupt records instead of failing
+    # With skip_bad_records: give up once more than this share of an epoch's records is bad
+    # (an epoch of only bad records always stops the run).
+    c.data.max_bad_fraction = 0.01
+    # The run stops with an error when the input pipeline yields no batch for this long
+    # (a vanished or unreadable data dir); the first batch fills the shuffle buffer.
+    c.data.stall_timeout_s = 600.0
     c.data.teacher_emb = False  # read precomputed image embeddings instead of the image tower
     c.data.synthetic = ml_collections.ConfigDict(
         {"enabled": False, "num_classes": 4, "per_class": 32, "seed": 0,
@@ -110,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000
-    c.checkpoint.keep = 3
+    c.checkpoint.keep = 3  # the newest complete checkpoints kept (>= 1)
     c.checkpoint.async_save = True
 
     c.eval = ml_collections.ConfigDict()
@@ -253,3 +260,94 @@ def nimagenet_pretraining(arg: str | None = None) -> ml_collections.ConfigDict:
     names, _ = parse_arg(arg, "configs/<backbone>_nimagenet.py")
     apply_variants(c, names)
     return c
+
+
+# ----------------------------------------------------------------------------- checking
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("", "xla", "cudnn")
+
+# Fields whose change alters what a resumed run computes (the data it reads, the model, the
+# loss, the optimizer and its schedule); a resume that changes one is refused (trainer).
+# Paths, logging, checkpointing, evaluation and the device layout are free to change.
+TRAJECTORY_FIELDS = ("seed", "batch_size", "num_epochs", "num_train_steps", "objective",
+                     "model.vision.", "model.text.", "model.dtype", "loss.", "optim.", "data.")
+TRAJECTORY_FREE = ("data.dir", "data.eval_split", "data.skip_bad_records",
+                   "data.max_bad_fraction", "data.stall_timeout_s")
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+    """Refuses a field outside its domain, naming it, before anything is built or computed."""
+
+    def need(ok: bool, field: str, expected: str) -> None:
+        if not ok:
+            value = config
+            for part in field.split("."):
+                value = value[part]
+            raise ValueError(f"config.{field}={value!r}: expected {expected}")
+
+    need(config.batch_size >= 1, "batch_size", "a positive global batch size")
+    need(config.num_train_steps >= 0, "num_train_steps", ">= 0 (0: use num_epochs)")
+    need(config.num_epochs >= 1 or config.num_train_steps > 0, "num_epochs",
+         ">= 1 when num_train_steps is 0")
+    need(config.log_every_steps >= 1, "log_every_steps", ">= 1")
+    need(config.model.dtype in DTYPES, "model.dtype", f"one of {DTYPES}")
+    need(config.model.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
+         f"one of {ATTENTION_IMPLS}")
+    need(config.model.attention_impl != "cudnn" or config.model.dtype != "float32",
+         "model.attention_impl", "'' or 'xla' with model.dtype='float32' (cuDNN's fused "
+         "attention takes bfloat16 or float16)")
+    for field in ("ct_weight", "zs_weight", "kl_weight", "mod_weight"):
+        need(config.loss[field] >= 0, f"loss.{field}", ">= 0")
+    for field in ("tau_ct_init", "zs_temperature", "kl_temperature"):
+        need(config.loss[field] > 0, f"loss.{field}", "> 0")
+    need(config.loss.sinkhorn_iters >= 0, "loss.sinkhorn_iters", ">= 0")
+    need(config.optim.base_lr > 0, "optim.base_lr", "> 0")
+    need(0 <= config.optim.b1 < 1, "optim.b1", "in [0, 1)")
+    need(0 <= config.optim.b2 < 1, "optim.b2", "in [0, 1)")
+    for field in ("weight_decay", "warmup_epochs", "warmup_steps", "grad_clip_norm"):
+        need(config.optim[field] >= 0, f"optim.{field}", ">= 0")
+    need("{label}" in config.data.prompt, "data.prompt",
+         "a template with a '{label}' placeholder (else every class shares one prompt)")
+    for template in config.data.caption_templates:
+        need("{label}" in template, "data.caption_templates",
+             "templates that each hold a '{label}' placeholder")
+    need(bool(config.data.train_split), "data.train_split", "a split name")
+    need(config.data.num_frames >= 1, "data.num_frames", ">= 1")
+    need(0 <= config.data.max_bad_fraction < 1, "data.max_bad_fraction", "in [0, 1)")
+    need(config.data.stall_timeout_s > 0, "data.stall_timeout_s", "> 0 seconds")
+    need(config.checkpoint.every_steps >= 1, "checkpoint.every_steps", ">= 1")
+    need(config.checkpoint.keep >= 1, "checkpoint.keep",
+         ">= 1 (the newest complete checkpoints kept; 0 would delete every one)")
+    need(config.eval.every_steps >= 0, "eval.every_steps", ">= 0 (0: only at the end)")
+    need(config.eval.batch_size >= 1, "eval.batch_size", "a positive batch size")
+    need(config.eval.knn_k >= 0, "eval.knn_k", ">= 0 (0: off)")
+
+
+def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict:
+    """{"a.b.c": value} of every leaf; tuples become lists, so the result is JSON as it is."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def trajectory_changes(stored: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """"field: stored -> now" for each trajectory field (TRAJECTORY_FIELDS) in which the flat
+    ``stored`` config (``flatten``) and ``config`` differ."""
+    current = json.loads(json.dumps(flatten(config), default=str))  # as config.json holds it
+
+    def matters(name: str) -> bool:
+        def among(fields: tuple[str, ...]) -> bool:
+            return any(name == f or (f.endswith(".") and name.startswith(f)) for f in fields)
+
+        return among(TRAJECTORY_FIELDS) and not among(TRAJECTORY_FREE)
+
+    missing = "(absent)"
+    return [f"{name}: {stored.get(name, missing)!r} -> {current.get(name, missing)!r}"
+            for name in sorted(set(stored) | set(current))
+            if matters(name) and stored.get(name, missing) != current.get(name, missing)]

@@ -4,6 +4,11 @@ What trains and what stays frozen follows ``config.objective`` (see objectives.p
 the run starts from are written once to ``workdir/init`` (an evclip checkpoint dir); the step
 checkpoints in ``workdir/checkpoints`` hold only the trainable state (checkpoints.py).
 
+Before any compute, every setting is checked, process 0 takes the workdir's lock and a resume
+is compared with the config the run started with (run_guard.py). SIGTERM is handled even
+while input is stuck (the batches come from a background thread): the step reached is saved
+and ``Preempted`` raised. A finished run that is run again returns its summary untouched.
+
 TensorFlow (tf.data) and clu are imported inside ``train_and_evaluate``, so the step can be
 built and benchmarked where TensorFlow is not installed.
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -20,16 +26,36 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from evclip_jax import checkpoints, convert, embed, objectives, sharding, step, text
+from evclip_jax import (
+    checkpoints,
+    config_base,
+    convert,
+    embed,
+    objectives,
+    run_guard,
+    sharding,
+    step,
+    text,
+)
 from evclip_jax.checkpoint_files import options_from_config
 from evclip_jax.evaluate import runner
 from evclip_jax.models.clip import CLIPConfig, TowerConfig
 
 EVAL_HISTORY = "eval_history.jsonl"
+SUMMARY = "summary.json"
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; nothing was saved after it."""
+
+
+class Preempted(Exception):
+    """SIGTERM stopped the run after its checkpoint was saved; running it again resumes."""
+
+    def __init__(self, summary: dict):
+        super().__init__(f"preempted at step {summary['step']}/{summary['total_steps']}; "
+                         f"checkpoint {summary['last_checkpoint']}")
+        self.summary = summary
 
 
 # ----------------------------------------------------------------------------- set-up pieces
@@ -37,11 +63,18 @@ class NonFiniteLossError(FloatingPointError):
 
 def check_config(config) -> None:
     """Settings refused before anything is built, each naming its field."""
+    from evclip_jax.data.augment import check_augment  # TensorFlow: see the module docstring
+
+    config_base.check_fields(config)
     if config.batch_size % jax.device_count():
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
                          f"{jax.device_count()} devices")
     objectives.check_loss_config(objectives.get(config.objective), config.loss)
     embed.check_representation(config.data.representation)
+    try:
+        check_augment({k: v for k, v in config.data.augment.items() if k != "enabled"})
+    except ValueError as e:  # its messages start with "augment"
+        raise ValueError(f"config.data.{e}") from None
     runner.check_eval_config(config)  # every eval view's settings, before any training
 
 
@@ -161,15 +194,24 @@ class StepTrace:
                          self.steps.stop - 1, self.log_dir)
 
 
-def flat_config(config, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if hasattr(value, "items"):
-            out.update(flat_config(value, name + "."))
-        elif isinstance(value, (int, float, str, bool)):
-            out[name] = value
-    return out
+def finished_summary(workdir: Path, total_steps: int) -> dict | None:
+    """The summary of a run that finished all ``total_steps`` (training and its final
+    evaluation); None otherwise, also for an unreadable one (then it is written again)."""
+    path = workdir / SUMMARY
+    try:
+        summary = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    done = summary.get("finished") and summary.get("step") == total_steps
+    return summary if done else None
+
+
+def write_summary(workdir: Path, summary: dict) -> None:
+    """workdir/summary.json, through a temporary name (a kill never leaves half of it)."""
+    if jax.process_index() == 0:
+        tmp = workdir / (SUMMARY + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, workdir / SUMMARY)
 
 
 def _hms(seconds: float) -> str:
@@ -180,15 +222,28 @@ def _hms(seconds: float) -> str:
 # ----------------------------------------------------------------------------- the trainer
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains per ``config`` in ``workdir``, resuming from its latest complete checkpoint."""
+def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
+    """Trains per ``config`` in ``workdir``, resuming from its latest complete checkpoint.
+
+    A resume that changes a trajectory field of the config is refused unless
+    ``allow_config_change``. Returns the summary; raises Preempted after SIGTERM, once the
+    checkpoint of the step reached is saved.
+    """
+    workdir = Path(workdir)
+    check_config(config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with run_guard.run_lock(workdir):
+        return _train(config, workdir, allow_config_change)
+
+
+def _train(config, workdir: Path, allow_config_change: bool) -> dict:
     from clu import metric_writers
 
     from evclip_jax.data import pipeline, prepare, records
 
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    check_config(config)
+    done = checkpoints.latest_step(workdir)
+    run_guard.check_config(config, workdir, resuming=done is not None,
+                           allow_change=allow_config_change)
     trace = StepTrace(config.profile, workdir / "profile")
 
     # Mesh and model.
@@ -204,6 +259,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     steps_per_epoch = max(manifest["num_examples"] // config.batch_size, 1)
     total_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
     warmup_steps = config.optim.warmup_steps or int(config.optim.warmup_epochs * steps_per_epoch)
+    if done is not None and done >= total_steps and (
+            summary := finished_summary(workdir, total_steps)) is not None:
+        logging.warning("%s finished already (step %d/%d); its summary %s is kept. A fresh "
+                        "--workdir starts a new run", workdir, done, total_steps,
+                        workdir / SUMMARY)
+        return summary
 
     # State and step: the starting towers stored once in workdir/init and read back from there.
     init_dir = write_init_dir(config, workdir, towers)
@@ -214,14 +275,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
                    warmup_steps=warmup_steps)
     state = s.state
 
-    # Checkpoint: resume from the latest complete step.
+    # Checkpoint: resume from the newest step that restores (checked; damaged ones set aside).
     mngr = checkpoints.checkpoint_manager(
         workdir, keep=config.checkpoint.keep, every_steps=config.checkpoint.every_steps,
         async_save=config.checkpoint.async_save)
-    start = 0
-    if mngr.latest_step() is not None:
-        state, data_meta = checkpoints.restore_state(mngr, mngr.latest_step(), state)
-        start = int(data_meta["step"])
+    start, history = 0, {}
+    restored = checkpoints.restore_latest(mngr, state)
+    if restored is not None:
+        state, data_meta = restored
+        start, history = int(data_meta["step"]), dict(data_meta.get("train", {}))
         logging.info("resumed from %s at step %d", Path(mngr.directory) / str(start), start)
 
     # Input: the data position is the step, so a resumed run sees the batches it would have.
@@ -231,13 +293,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         data_dir, config.data.train_split, global_batch_size=config.batch_size,
         out_size=image_size, train=True, seed=config.seed, augment=augment,
         paired_aug=config.data.paired_aug, skip_bad_records=config.data.skip_bad_records,
-        teacher_emb=config.data.teacher_emb, start_step=start,
-        representation=config.data.representation)
-    batches = pipeline.global_batches(ds, mesh)
+        max_bad_fraction=config.data.max_bad_fraction, teacher_emb=config.data.teacher_emb,
+        start_step=start, representation=config.data.representation)
 
     # Evaluators: on the current params, at the start, every eval.every_steps and at the end;
     # each result is also appended to workdir/eval_history.jsonl (curves over a run).
     def evaluate(at_step: int, report_dir: Path | None = None) -> dict:
+        logging.info("evaluating at step %d", at_step)
         current = {**params, **s.frozen, **state.params}
         if "image_tower" in objective.trainable:  # the event tower starts as its copy
             current["event_tower"] = current["image_tower"]
@@ -251,14 +313,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     writer = metric_writers.create_default_writer(
         str(workdir / "tensorboard"), just_logging=jax.process_index() > 0)
-    writer.write_hparams(flat_config(config))
+    writer.write_hparams({k: v for k, v in config_base.flatten(config).items()
+                          if isinstance(v, int | float | str | bool)})
     log_order = config.debug.log_data_order
     order_log = ((workdir / "data_order.jsonl").open("a", buffering=1)  # a line per step
                  if log_order and jax.process_index() == 0 else None)
 
     # The loop. Metrics are read one step late, so the host never waits on the step it queued.
     last_saved = mngr.latest_step()
-    history: dict[str, float] = {}
     pending = None
     t0, samples, at = time.time(), 0, start
 
@@ -274,9 +336,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if start == 0 and config.eval.every_steps:
         evaluate(0)
     with Preemption() as preempt, trace, jax.set_mesh(mesh):
-        while at < total_steps:
+        batches = pipeline.global_batches(
+            ds, mesh, stall_timeout_s=config.data.stall_timeout_s,
+            interrupted=lambda: preempt.requested,
+            source=f"{data_dir} (split {config.data.train_split})")
+        while at < total_steps and not preempt.requested:
             trace.before_step(at)
-            batch = next(batches)
+            batch = next(batches, None)
+            if batch is None:  # SIGTERM while waiting for input
+                break
             if log_order:  # the global batch's labels, gathered from every process
                 labels = multihost_utils.process_allgather(batch["labels"], tiled=True)
                 if order_log is not None:
@@ -303,36 +371,40 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 preempt.requested = True
             if (at % config.checkpoint.every_steps == 0 or at == total_steps
                     or preempt.requested):
-                finite(metrics, at)
-                checkpoints.save_state(mngr, at, state, force=True)
+                history = {**history, **finite(metrics, at)}
+                checkpoints.save_state(mngr, at, state, history)
                 last_saved = at
-            if preempt.requested:
-                mngr.wait_until_finished()
-                logging.warning("stopped at step %d after SIGTERM; checkpoint saved", at)
-                break
             if config.eval.every_steps and at % config.eval.every_steps == 0 \
-                    and at < total_steps:
+                    and at < total_steps and not preempt.requested:
                 evaluate(at)
-    mngr.wait_until_finished()
+        if preempt.requested and at != (last_saved or 0):  # stopped while waiting for input
+            history = {**history, **finite(*pending)}
+            checkpoints.save_state(mngr, at, state, history)
+            last_saved = at
+    checkpoints.wait_for_saves(mngr)
     if order_log is not None:
         order_log.close()
 
-    # Final evaluation and the summary.
+    # Final evaluation and the summary (not after SIGTERM: the rerun does it).
     eval_metrics = {}
-    if at >= total_steps and config.eval.at_end:
+    finished = at >= total_steps and not preempt.requested
+    if finished and config.eval.at_end:
         eval_metrics = evaluate(at, report_dir=workdir / "report")
     writer.flush()
     elapsed = time.time() - t0
     summary = {
-        "step": at, "total_steps": total_steps, "finished": at >= total_steps,
-        "preempted": at < total_steps, "wall_seconds": round(elapsed, 2),
+        "step": at, "total_steps": total_steps, "finished": finished,
+        "preempted": preempt.requested, "wall_seconds": round(elapsed, 2),
         "samples_per_sec": round(samples / max(elapsed, 1e-9), 2),
         "devices": jax.device_count(),
         "last_checkpoint": str(Path(mngr.directory) / str(last_saved)),
         "train": history, "eval": eval_metrics,
     }
-    if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_summary(workdir, summary)
+    if preempt.requested:
+        logging.warning("stopped at step %d after SIGTERM; checkpoint %s saved", at,
+                        summary["last_checkpoint"])
+        raise Preempted(summary)
     return summary
 
 

@@ -26,14 +26,22 @@ its block. The writer shuffles training splits, so blocks mix classes.
 
 Note: tf.data seeds are combined with TensorFlow's global seed; calling
 ``tf.random.set_seed`` changes the order (not the augmentations).
+
+Nothing here hangs: a shard that is missing when its turn comes is fatal at once, naming it;
+skipping bad records gives up past ``max_bad_fraction``; ``global_batches`` fetches on a
+background thread, so the caller's thread keeps handling signals (a preemption save while
+input is stuck) and ends the run when no batch comes for ``stall_timeout_s``.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import queue
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -52,28 +60,43 @@ _plain = tf.autograph.experimental.do_not_convert
 DEFAULT_SHUFFLE_BUFFER = 10_000
 PAD_LABEL = -1
 _BAD_RECORD_TAG = "evclip_jax bad record"
+_MISSING_TAG = "evclip_jax missing shard"
 _DECODE_GROUP = 32  # records per error-catching decode group (at most 63: an int64 bitmask)
-_BOOKKEEPING = ("pos", "bad", "bad_shard", "bad_index")
+_BOOKKEEPING = ("pos", "bad", "bad_shard", "bad_index", "index", "shard")
+DEFAULT_STALL_TIMEOUT_S = 600.0
+_POLL_S = 0.2  # how often a waiting consumer looks at its interrupt flag
 
 
 class BadRecordError(ValueError):
-    """A corrupt record or shard met while iterating (skip_bad_records=False); names the shard."""
+    """A corrupt record or shard met while iterating (skip_bad_records=False), or too many of
+    them (skip_bad_records=True, past max_bad_fraction); names the shard."""
+
+
+class InputStallError(RuntimeError):
+    """The input pipeline yielded no batch for stall_timeout_s seconds."""
 
 
 class BadRecordCounter:
     """Counts records skipped by ``make_dataset(skip_bad_records=True)``.
 
-    Readable at any time while iterating (``.value``). A record that stays bad is counted
-    again on every epoch pass. Records lost to a truncated/corrupt shard are counted when the
-    reader reaches the end of that shard's piece.
+    Readable at any time while iterating (``.value``; ``.read``: records read, good or bad).
+    A record that stays bad is counted again on every epoch pass. Records lost to a
+    truncated/corrupt shard are counted when the reader reaches the end of that shard's piece.
     """
 
     def __init__(self) -> None:
         self.variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_records")
+        self.read_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="read_records")
+        # Skips are logged when the count reaches this, which then doubles (1, 2, 4, ...).
+        self.next_log = tf.Variable(1, dtype=tf.int64, trainable=False, name="next_log")
 
     @property
     def value(self) -> int:
         return int(self.variable.numpy())
+
+    @property
+    def read(self) -> int:
+        return int(self.read_variable.numpy())
 
 
 def make_dataset(
@@ -95,6 +118,7 @@ def make_dataset(
     deterministic: bool = True,
     bad_records: BadRecordCounter | None = None,
     representation: str | None = None,
+    max_bad_fraction: float | None = None,
 ) -> tf.data.Dataset:
     """Per-host batches (dicts of tensors; ``as_numpy_iterator`` gives NumPy) of a split.
 
@@ -112,8 +136,13 @@ def make_dataset(
       paired_aug: True: one geometric transform for the event frames and the image of a pair
         (evclip_jax default, METHOD.md). False: independent draws for each, as the release's
         separate event/image transforms.
-      skip_bad_records: False: a bad record or corrupt/truncated shard raises an error naming
-        the shard. True: skip it, count it in ``bad_records`` and log a line to stderr.
+      skip_bad_records: False: a bad record (undecodable, a label outside the manifest's
+        classes) or corrupt/truncated shard raises an error naming the shard. True: skip it,
+        count it in ``bad_records`` and log to stderr (at 1, 2, 4, ... skipped records). Gives
+        up (BadRecordError) once an epoch's worth of records is read without a good one (it
+        would loop forever), or more than ``max_bad_fraction`` of the records read (of an
+        epoch's at least) are bad.
+        A shard missing when its turn comes is always fatal, naming it.
       process_index, process_count: host sharding; default jax.process_index()/count().
       teacher_emb: also yield "teacher_emb" [B, D] (records must have it).
       start_step: resume: yield the batches a fresh iterator yields from this step on
@@ -124,6 +153,8 @@ def make_dataset(
       representation: what the caller expects the records to hold
         (``config.data.representation``); None takes the manifest's. A different one raises
         ValueError naming the manifest.
+      max_bad_fraction: with skip_bad_records, the share of bad records tolerated, in [0, 1);
+        None: any share short of all.
     """
     _hide_gpus_from_tf()
     data_dir = os.fspath(data_dir)
@@ -144,6 +175,8 @@ def make_dataset(
         raise ValueError(f"start_step={start_step} is only supported with train=True")
     if not train and augment:
         raise ValueError("augment must be None with train=False (evaluation is deterministic)")
+    if max_bad_fraction is not None and not 0 <= max_bad_fraction < 1:
+        raise ValueError(f"max_bad_fraction={max_bad_fraction}: expected a share in [0, 1)")
     aug = check_augment(augment)
 
     pindex = jax.process_index() if process_index is None else int(process_index)
@@ -167,8 +200,10 @@ def make_dataset(
     else:
         first_epoch, skip_first = 0, 0
     counter = bad_records if bad_records is not None else BadRecordCounter()
+    checks = _Checks(skip_bad_records, counter, num_classes=len(manifest["class_names"]),
+                     max_bad=max_bad_fraction, epoch_records=host_records)
     reader = _Reader(pieces, seed=seed, train=train, shuffle_buffer=shuffle_buffer,
-                     skip_bad=skip_bad_records, counter=counter)
+                     checks=checks)
 
     if train:
         epochs = tf.data.Dataset.counter(start=first_epoch)
@@ -195,7 +230,7 @@ def make_dataset(
         _plain(lambda group: _decode_group(group, decode)), cycle_length=tf.data.AUTOTUNE,
         block_length=_DECODE_GROUP + 1, num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=deterministic)
-    ds = ds.filter(_plain(lambda ex: _check_group(ex, skip_bad_records, counter.variable)))
+    ds = ds.filter(_plain(checks.example))
     ds = ds.map(_plain(lambda ex: {k: v for k, v in ex.items() if k not in _BOOKKEEPING}))
 
     if train:
@@ -216,31 +251,104 @@ def global_batches(
     dataset: tf.data.Dataset | Iterable[Mapping[str, Any]],
     mesh: Mesh,
     batch_axes: tuple[str, ...] = ("data", "fsdp"),
+    *,
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+    interrupted: Callable[[], bool] | None = None,
+    source: str = "the input pipeline",
 ) -> Iterator[dict[str, jax.Array]]:
     """Turns per-host batches into global jax.Arrays sharded on the batch dim over ``batch_axes``.
 
     Axes of ``batch_axes`` that the mesh lacks are ignored. Every host must call this with its
     own per-host batches in the same step order. A corrupt record or shard (with
-    skip_bad_records=False) surfaces as BadRecordError naming the shard.
+    skip_bad_records=False) surfaces as BadRecordError naming the shard, a shard that vanished
+    as FileNotFoundError naming it.
+
+    Batches are fetched on a background thread while the caller's thread waits in short
+    slices: the iteration ends early (returns) once ``interrupted()`` is true, e.g. after
+    SIGTERM, and raises InputStallError naming ``source`` when no batch came for
+    ``stall_timeout_s`` seconds.
     """
     axes = tuple(a for a in batch_axes if a in mesh.axis_names)
     if not axes:
         raise ValueError(f"none of batch_axes {batch_axes} is a mesh axis {mesh.axis_names}")
     sharding = NamedSharding(mesh, PartitionSpec(axes))
     it = dataset.as_numpy_iterator() if isinstance(dataset, tf.data.Dataset) else iter(dataset)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except tf.errors.InvalidArgumentError as e:
-            if _BAD_RECORD_TAG not in e.message:
-                raise
-            # The assertion's "[part] [part]" data as one sentence, without TF's iterator path.
-            text = e.message[e.message.index(_BAD_RECORD_TAG):].split("\n")[0]
-            raise BadRecordError(text.replace("] [", " ").rstrip("]")) from e
-        yield {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-               for k, v in batch.items()}
+    fetcher = _Fetcher(it)
+    try:
+        while True:
+            batch = fetcher.get(stall_timeout_s, interrupted, source)
+            if batch is None:
+                return
+            yield {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+                   for k, v in batch.items()}
+    finally:
+        fetcher.stop()
+
+
+class _Fetcher:
+    """Runs ``next(it)`` on a daemon thread, one batch ahead. A thread stuck inside TensorFlow
+    cannot be stopped, but it no longer holds the caller, and it dies with the process."""
+
+    def __init__(self, it: Iterator) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(it,), daemon=True,
+                                        name="evclip_jax input")
+        self._thread.start()
+
+    def _run(self, it: Iterator) -> None:
+        while not self._stopped.is_set():
+            try:
+                item = ("batch", next(it))
+            except StopIteration:
+                item = ("end", None)
+            except Exception as e:  # handed to the consumer, raised there
+                item = ("error", e)
+            while not self._stopped.is_set():
+                try:
+                    self._queue.put(item, timeout=_POLL_S)
+                    break
+                except queue.Full:
+                    continue
+            if item[0] != "batch":
+                return
+
+    def get(self, stall_timeout_s: float, interrupted: Callable[[], bool] | None,
+            source: str) -> Mapping[str, Any] | None:
+        """The next batch; None at the end or once ``interrupted()``."""
+        waited = time.monotonic()
+        while interrupted is None or not interrupted():
+            try:
+                kind, value = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if time.monotonic() - waited > stall_timeout_s:
+                    raise InputStallError(
+                        f"{source}: no batch for {stall_timeout_s:g} s "
+                        "(config.data.stall_timeout_s); is the data still there and readable?"
+                    ) from None
+                continue
+            if kind == "error":
+                raise _readable(value)
+            return value if kind == "batch" else None
+        return None
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def _readable(error: Exception) -> Exception:
+    """The pipeline's tagged assertion errors as BadRecordError / FileNotFoundError, in one
+    sentence without TF's iterator path; other errors as they are."""
+    if not isinstance(error, tf.errors.InvalidArgumentError):
+        return error
+    for tag, kind in ((_BAD_RECORD_TAG, BadRecordError), (_MISSING_TAG, FileNotFoundError)):
+        if tag in error.message:
+            # The assertion's "[part] [part]" data as one sentence.
+            text = error.message[error.message.index(tag):].split("\n")[0]
+            out = kind(text.replace("] [", " ").rstrip("]"))
+            out.__cause__ = error
+            return out
+    return error
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +382,7 @@ class _Reader:
     """One epoch of raw records of this host: {"serialized", "index", "shard", "epoch"}."""
 
     def __init__(self, pieces: list[tuple[str, int, int, int]], *, seed: int, train: bool,
-                 shuffle_buffer: int, skip_bad: bool, counter: BadRecordCounter) -> None:
+                 shuffle_buffer: int, checks: _Checks) -> None:
         self.files = tf.constant([p[0] for p in pieces])
         self.starts = tf.constant([p[1] for p in pieces], tf.int64)
         self.counts = tf.constant([p[2] for p in pieces], tf.int64)
@@ -283,8 +391,7 @@ class _Reader:
         self.seed = seed
         self.train = train
         self.shuffle_buffer = shuffle_buffer
-        self.skip_bad = skip_bad
-        self.counter = counter
+        self.checks = checks
 
     def epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
         pieces = (self.files, self.starts, self.counts, self.offsets)
@@ -307,7 +414,14 @@ class _Reader:
                offset: tf.Tensor) -> tf.data.Dataset:
         # A corrupt record makes TFRecordDataset raise DataLossError (without the file name)
         # and a truncated file just ends early; ignore_errors() ends the piece at the damage
-        # and the end-of-piece sentinel below finds how many records never arrived.
+        # and the end-of-piece sentinel below finds how many records never arrived. A missing
+        # file would make ignore_errors() retry the open forever: it is checked first.
+        found = tf.py_function(lambda p: tf.io.gfile.exists(p.numpy().decode()), [path],
+                               tf.bool)
+        with tf.control_dependencies([tf.debugging.Assert(found, [
+                f"{_MISSING_TAG}: TFRecord shard", path, "is gone (the data dir was moved or "
+                "deleted while the run read it)"])]):
+            path = tf.identity(path)
         records = tf.data.TFRecordDataset(path).ignore_errors().skip(start).take(count)
         records = records.map(_plain(lambda s: {"serialized": s,
                                                 "index": tf.constant(0, tf.int64)}))
@@ -321,31 +435,9 @@ class _Reader:
                               "lost": tf.where(end, count - seen, tf.constant(0, tf.int64))}
 
         ds = records.concatenate(sentinel).scan(tf.constant(0, tf.int64), _plain(number))
-        ds = ds.filter(_plain(lambda rec: self._check_lost(rec, path)))
+        ds = ds.filter(_plain(lambda rec: self.checks.lost(rec, path)))
         return ds.map(_plain(lambda rec: {"serialized": rec["serialized"],
                                           "index": rec["index"], "shard": path}))
-
-    def _check_lost(self, rec: dict[str, tf.Tensor], path: tf.Tensor) -> tf.Tensor:
-        """filter() predicate: drops the sentinel after raising (skip_bad False) or counting
-        and logging (True) the records the shard failed to deliver."""
-        lost = rec["lost"]
-        if not self.skip_bad:
-            check = tf.debugging.Assert(
-                lost <= 0, [f"{_BAD_RECORD_TAG}: TFRecord shard is corrupt or truncated:", path,
-                            "records lost:", lost, "(pass skip_bad_records=True to skip them)"])
-            deps = [check]
-        else:
-            logged = tf.cond(lost > 0, lambda: _log("skipped", lost, "records of corrupt shard",
-                                                    path), lambda: tf.constant(True))
-            deps = [logged, self.counter.variable.assign_add(lost)]
-        with tf.control_dependencies(deps):
-            return rec["index"] >= 0
-
-
-def _log(*parts: Any) -> tf.Tensor:
-    with tf.control_dependencies([tf.print("evclip_jax.data.pipeline:", *parts,
-                                           output_stream=sys.stderr)]):
-        return tf.constant(True)
 
 
 def _fold(seed: int, stream: int, value: tf.Tensor) -> tf.Tensor:
@@ -361,7 +453,8 @@ def _fold(seed: int, stream: int, value: tf.Tensor) -> tf.Tensor:
 class _Decoder:
     """Record -> example: the event frames (augmented in training) and the gray image [S, S]
     (0..255), label, mask[, teacher_emb], and the record's position in its decode group
-    ("pos"). Whole batches become tower inputs in ``_to_tower_inputs``."""
+    ("pos"), global index and shard. Whole batches become tower inputs in
+    ``_to_tower_inputs``."""
 
     def __init__(self, manifest: Mapping[str, Any], *, emb_dim: int | None, seed: int,
                  augment: Augment | None, paired: bool) -> None:
@@ -371,7 +464,6 @@ class _Decoder:
         # What enters where a shift moves content away: no events (EventBind: its background).
         self.fill = float(manifest.get("representation_options", {}).get("background", 0.0))
         self.has_images = manifest.get("has_images", True)
-        self.num_classes = len(manifest["class_names"])
         self.num_examples = int(manifest["num_examples"])
         self.emb_dim = emb_dim
         self.seed = seed
@@ -380,8 +472,7 @@ class _Decoder:
 
     def __call__(self, rec: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         parsed = parse_example(rec["serialized"], self.size, self.emb_dim,
-                               has_images=self.has_images, num_classes=self.num_classes,
-                               representation=self.representation,
+                               has_images=self.has_images, representation=self.representation,
                                num_frames=self.event_shape[0])
         image = tf.cast(parsed["image"], tf.float32)
         if self.representation == "evclip":
@@ -398,7 +489,7 @@ class _Decoder:
                "mask": tf.constant(True)}
         if self.emb_dim:
             out["teacher_emb"] = parsed["teacher_emb"]
-        out["pos"] = rec["pos"]
+        out.update(pos=rec["pos"], index=rec["index"], shard=rec["shard"])
         return out
 
     def padding(self) -> dict[str, tf.Tensor]:
@@ -411,7 +502,8 @@ class _Decoder:
 
     def end_marker(self) -> dict[str, tf.Tensor]:
         """Closes a decode group (pos -1)."""
-        return {**self.padding(), "pos": tf.constant(-1, tf.int64)}
+        return {**self.padding(), "pos": tf.constant(-1, tf.int64),
+                "index": tf.constant(-1, tf.int64), "shard": tf.constant("")}
 
     def _augment_pair(self, events: tf.Tensor, image: tf.Tensor,
                       seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -463,23 +555,82 @@ def _decode_group(group: dict[str, tf.Tensor], decode: _Decoder) -> tf.data.Data
     return decoded.concatenate(ends).scan(tf.constant(0, tf.int64), _plain(track))
 
 
-def _check_group(ex: dict[str, tf.Tensor], skip_bad: bool, counter: tf.Variable) -> tf.Tensor:
-    """filter() predicate: drops group end markers after raising on (skip_bad False) or
-    counting and logging (True) the group's failed records."""
-    bad = ex["bad"]
-    if not skip_bad:
-        deps = [tf.debugging.Assert(bad == 0, [
-            f"{_BAD_RECORD_TAG}: bad record (undecodable PNG or frames, wrong shape or missing "
-            "feature) at global index",
-            ex["bad_index"], "in TFRecord shard", ex["bad_shard"],
-            "(pass skip_bad_records=True to skip bad records)"])]
-    else:
-        logged = tf.cond(bad > 0, lambda: _log("skipped", bad, "bad record(s), first: index",
-                                               ex["bad_index"], "of shard", ex["bad_shard"]),
-                         lambda: tf.constant(True))
-        deps = [logged, counter.assign_add(bad)]
-    with tf.control_dependencies(deps):
-        return ex["pos"] >= 0
+class _Checks:
+    """The filter() predicates that find bad records: raising on the first (skip_bad False),
+    or counting, logging at 1, 2, 4, ... skipped, and giving up once an epoch's worth of
+    records held no good one or more than ``max_bad`` of the records read, of an epoch's at
+    least, were bad (skip_bad True)."""
+
+    def __init__(self, skip_bad: bool, counter: BadRecordCounter, *, num_classes: int,
+                 max_bad: float | None, epoch_records: int) -> None:
+        self.skip_bad = skip_bad
+        self.counter = counter
+        self.num_classes = num_classes
+        self.max_bad = max_bad
+        self.epoch_records = epoch_records
+
+    def lost(self, rec: dict[str, tf.Tensor], path: tf.Tensor) -> tf.Tensor:
+        """Drops a shard piece's end sentinel after checking how many of its records never
+        arrived (a corrupt or truncated shard)."""
+        lost = rec["lost"]
+        deps = self._bad(lost, lost, [
+            "TFRecord shard is corrupt or truncated:", path, "records lost:", lost,
+            "(pass skip_bad_records=True to skip them)"], ["records of corrupt shard", path])
+        with tf.control_dependencies(deps):
+            return rec["index"] >= 0
+
+    def example(self, ex: dict[str, tf.Tensor]) -> tf.Tensor:
+        """Drops decode group end markers, after checking the group's failed records, and
+        examples whose label is outside the manifest's classes."""
+        end = ex["pos"] < 0
+        bad = ex["bad"]
+        deps = self._bad(bad, bad, [
+            "bad record (undecodable PNG or frames, wrong shape or missing feature) at global "
+            "index", ex["bad_index"], "in TFRecord shard", ex["bad_shard"],
+            "(pass skip_bad_records=True to skip bad records)"],
+            ["bad record(s) of a decode group, first: index", ex["bad_index"], "of shard",
+             ex["bad_shard"]])
+        label = ex["labels"]
+        wrong = tf.logical_and(tf.logical_not(end), tf.logical_or(
+            label < 0, label >= self.num_classes))
+        n_wrong = tf.cast(wrong, tf.int64)
+        with tf.control_dependencies(deps):  # one count after the other
+            deps = self._bad(n_wrong, tf.cast(tf.logical_not(end), tf.int64), [
+                "label", label, f"outside [0, {self.num_classes}) (the manifest's "
+                f"{self.num_classes} class_names) at global index", ex["index"],
+                "in TFRecord shard", ex["shard"]],
+                ["record(s) with a label outside the classes, latest: index", ex["index"],
+                 "of shard", ex["shard"]])
+        with tf.control_dependencies(deps):
+            return tf.logical_and(tf.logical_not(end), tf.logical_not(wrong))
+
+    def _bad(self, n: tf.Tensor, n_read: tf.Tensor, error: list, skipped: list) -> list:
+        """The ops that check ``n`` bad of ``n_read`` records read."""
+        if not self.skip_bad:
+            return [tf.debugging.Assert(n <= 0, [f"{_BAD_RECORD_TAG}:", *error])]
+        c = self.counter
+        bad = c.variable.assign_add(n)
+        read = c.read_variable.assign_add(n_read)
+        all_bad = tf.logical_and(bad >= read, read >= self.epoch_records)
+        too_many = all_bad
+        if self.max_bad is not None:
+            allowed = self.max_bad * tf.cast(tf.maximum(read, self.epoch_records), tf.float64)
+            too_many = tf.logical_or(too_many, tf.cast(bad, tf.float64) > allowed)
+        give_up = tf.debugging.Assert(tf.logical_not(too_many), [
+            f"{_BAD_RECORD_TAG}: gave up skipping:", bad, "of", read, "records read were bad "
+            f"(an epoch has {self.epoch_records}; at most a share max_bad_fraction="
+            f"{self.max_bad} (config.data.max_bad_fraction) may be, and never all); the last:",
+            *skipped])
+
+        def log() -> tf.Tensor:
+            with tf.control_dependencies([tf.print(
+                    "evclip_jax.data.pipeline: skipped", bad, "bad record(s) so far; now",
+                    n, *skipped, "(logged again when the count doubles)",
+                    output_stream=sys.stderr)]):
+                return c.next_log.assign(2 * bad)
+
+        logged = tf.cond(tf.logical_and(n > 0, bad >= c.next_log), log, c.next_log.read_value)
+        return [logged, give_up]
 
 
 def _to_tower_inputs(batch: dict[str, tf.Tensor], representation: str) -> dict[str, tf.Tensor]:

@@ -17,8 +17,9 @@ def prepare_data(config, workdir: Path, image_size: int) -> Path:
     s = config.data.synthetic
     if s.enabled:
         data_dir = Path(config.data.dir or workdir / "data")
-        if not Path(records.manifest_path(data_dir, config.data.train_split)).is_file() \
-                and jax.process_index() == 0:
+        # Every split's manifest: a build killed between two splits is built again.
+        built = all(Path(records.manifest_path(data_dir, split)).is_file() for split in s.splits)
+        if not built and jax.process_index() == 0:
             logging.info("building the synthetic dataset in %s", data_dir)
             make_synthetic_dataset(data_dir, num_classes=s.num_classes, per_class=s.per_class,
                                    image_size=image_size, seed=s.seed, splits=dict(s.splits),

@@ -20,11 +20,15 @@ Event window: the whole file if ``window_k`` is None; on training splits (``trai
 item index])``, else ``eval_window(n, window_k, seed)``. Fixed at write time.
 
 Shards ``<out_dir>/<split>-0000k-of-0000N.tfrecord`` hold contiguous blocks of the items
-(shuffled by ``default_rng([seed, 1])`` on training splits); ``<split>.manifest.json`` is
-written last, so its presence means the shards are complete. Manifest keys:
+(shuffled by ``default_rng([seed, 1])`` on training splits). They are written under
+temporary names (``<shard>.partial``); only once every one is complete does the old manifest
+go, the shards take their names and ``<split>.manifest.json`` is written, last and atomically.
+So a manifest always means complete shards, and a failed (re)build leaves the previous
+records and manifest as they were. Manifest keys:
 
 * ``format_version`` 2, ``split``, ``num_examples``, ``shards`` [names relative to the
-  manifest's folder], ``shard_num_examples`` [int], ``shuffled`` bool;
+  manifest's folder; absolute paths, URLs and ``..`` are refused], ``shard_num_examples``
+  [int], ``shuffled`` bool;
 * ``class_names`` [str], ``num_classes``, ``class_counts`` [records per class];
 * ``image_size`` S, ``image_shape`` [S, S], ``has_images``, ``has_captions``,
   ``teacher_emb_dim`` (int or null);
@@ -55,6 +59,7 @@ from evclip_jax.events import frames
 from evclip_jax.events.io import read_events
 
 FORMAT_VERSION = 2
+PARTIAL_SUFFIX = ".partial"  # a shard being written
 TRAIN_SPLIT_PREFIXES = ("train", "pretrain")
 # Options given to the representation functions of evclip_jax.events.frames. EventBind uses
 # fixed-count windows (METHOD.md "Related systems"); 1.0 is its white background.
@@ -97,6 +102,27 @@ def _exists(path: str) -> bool:
     import tensorflow as tf
 
     return tf.io.gfile.exists(path)
+
+
+def _remove(path: str) -> None:
+    """Removes a file if it is there."""
+    if not _is_url(path):
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    import tensorflow as tf
+
+    if tf.io.gfile.exists(path):
+        tf.io.gfile.remove(path)
+
+
+def _rename(src: str, dst: str) -> None:
+    if not _is_url(src):
+        os.replace(src, dst)
+        return
+    import tensorflow as tf
+
+    tf.io.gfile.rename(src, dst, overwrite=True)
 
 
 def manifest_path(data_dir: str | os.PathLike, split: str) -> str:
@@ -290,21 +316,27 @@ def write_tfrecords(
 
     if not _is_url(out_dir):
         os.makedirs(out_dir, exist_ok=True)
-    shards, shard_counts = [], []
+    shards, shard_counts, partial = [], [], []
     class_counts = [0] * len(class_names)
-    with tqdm(total=len(items), desc=f"{split} records", disable=not progress) as bar:
-        for k in range(num_shards):
-            name = shard_name(split, k, num_shards)
-            with tf.io.TFRecordWriter(os.path.join(out_dir, name)) as writer:
-                for index in order[bounds[k]:bounds[k + 1]]:
-                    item = items[index]
-                    writer.write(_example(
-                        tf, item, int(index), settings,
-                        teacher_row=None if teacher_emb is None else teacher_emb[index]))
-                    class_counts[int(item.label)] += 1
-                    bar.update(1)
-            shards.append(name)
-            shard_counts.append(bounds[k + 1] - bounds[k])
+    try:
+        with tqdm(total=len(items), desc=f"{split} records", disable=not progress) as bar:
+            for k in range(num_shards):
+                name = shard_name(split, k, num_shards)
+                partial.append(os.path.join(out_dir, name + PARTIAL_SUFFIX))
+                with tf.io.TFRecordWriter(partial[-1]) as writer:
+                    for index in order[bounds[k]:bounds[k + 1]]:
+                        item = items[index]
+                        writer.write(_example(
+                            tf, item, int(index), settings,
+                            teacher_row=None if teacher_emb is None else teacher_emb[index]))
+                        class_counts[int(item.label)] += 1
+                        bar.update(1)
+                shards.append(name)
+                shard_counts.append(bounds[k + 1] - bounds[k])
+    except BaseException:  # a bad item, Ctrl-C: the previous records stay as they were
+        for path in partial:
+            _remove(path)
+        raise
 
     manifest = {
         "format_version": FORMAT_VERSION, "split": split, "num_examples": len(items),
@@ -324,6 +356,11 @@ def write_tfrecords(
     }
     if representation == "evclip":
         manifest["event_counts_shape"] = [out_size, out_size]
+    # Publish: the old manifest goes first, so no manifest ever sits beside shards it does not
+    # describe; the new one comes last.
+    _remove(manifest_path(out_dir, split))
+    for path, name in zip(partial, shards, strict=True):
+        _rename(path, os.path.join(out_dir, name))
     _write_json(manifest_path(out_dir, split), manifest)
     return manifest
 
@@ -383,8 +420,9 @@ def read_manifest(data_dir: str | os.PathLike, split: str) -> dict:
     """Loads ``<data_dir>/<split>.manifest.json`` and checks it and its shards exist.
 
     Raises ValueError naming the path when the directory, the manifest or a shard is missing,
-    or the manifest is not valid JSON / lacks required keys (an interrupted write) / has a
-    representation or event_shape that does not fit. Format 1 is read as ``evclip``.
+    a shard entry leads outside the directory (absolute, URL, ``..``), or the manifest is not
+    valid JSON / lacks required keys (an interrupted write) / has a representation or
+    event_shape that does not fit. Format 1 is read as ``evclip``.
     """
     data_dir = os.fspath(data_dir)
     path = manifest_path(data_dir, split)
@@ -418,6 +456,11 @@ def read_manifest(data_dir: str | os.PathLike, split: str) -> dict:
                          f"one of {', '.join(frames.REPRESENTATIONS)} with [S, S], [S, S, 3], "
                          f"[T, S, S, 3] respectively (S = image_size {size})")
     for shard in manifest["shards"]:
+        parts = str(shard).replace("\\", "/").split("/")
+        if not isinstance(shard, str) or not shard or os.path.isabs(shard) or _is_url(shard) \
+                or ".." in parts:
+            raise ValueError(f"{path}: shard {shard!r} is not a file name inside {data_dir}; "
+                             "expected a path relative to the manifest's folder, without '..'")
         shard = os.path.join(data_dir, shard)
         if not _exists(shard):
             raise ValueError(f"{shard}: shard listed in {path} is missing")
@@ -425,15 +468,17 @@ def read_manifest(data_dir: str | os.PathLike, split: str) -> dict:
 
 
 def parse_example(serialized: Any, out_size: int, with_teacher_emb_dim: int | None = None, *,
-                  has_images: bool = True, num_classes: int | None = None,
-                  representation: str = "evclip", num_frames: int = 3) -> dict[str, Any]:
+                  has_images: bool = True, representation: str = "evclip",
+                  num_frames: int = 3) -> dict[str, Any]:
     """Parses one serialized record into tensors (for ``tf.data.Dataset.map``).
 
     Returns "event_counts" uint16 [S, S] (evclip) or "event_frames" float32 ``event_shape``
     (eventclip, eventbind), "image" uint8 [S, S] (zeros without images), "label" int32, "key"
     string and, with ``with_teacher_emb_dim`` D, "teacher_emb" float32 [D]. A missing
-    feature, a PNG of the wrong bit depth or shape, frames of the wrong size or a label
-    outside [0, num_classes) raise InvalidArgumentError when the op runs.
+    feature, a PNG of the wrong bit depth or shape or frames of the wrong size raise
+    InvalidArgumentError when the op runs. The label is not range-checked here (the pipeline
+    does, naming the shard and record); values beyond int32 saturate, so they stay out of
+    range.
     """
     import tensorflow as tf
 
@@ -460,13 +505,7 @@ def parse_example(serialized: Any, out_size: int, with_teacher_emb_dim: int | No
         image = _decode_gray_png(tf, feats["image"], tf.uint8, out_size, "image")
     else:
         image = tf.zeros([out_size, out_size], tf.uint8)
-    label = feats["label"]
-    checks = [tf.debugging.assert_non_negative(label, message="label is negative")]
-    if num_classes is not None:
-        checks.append(tf.debugging.assert_less(
-            label, tf.constant(num_classes, tf.int64), message=f"label >= {num_classes}"))
-    with tf.control_dependencies(checks):
-        label = tf.cast(label, tf.int32)
+    label = tf.cast(tf.clip_by_value(feats["label"], -1, 2**31 - 1), tf.int32)
     out = {feature: events, "image": image, "label": label, "key": feats["key"]}
     if with_teacher_emb_dim is not None:
         out["teacher_emb"] = feats["teacher_emb"]
