@@ -251,9 +251,9 @@ def test_tpu_vm_script_creates_copies_runs_and_deletes(tmp_path):
 # ----------------------------------------------------------------------------- sweeps
 
 
-def sweep(*args, check=True):
+def sweep(*args, check=True, timeout=120):
     out = subprocess.run([sys.executable, str(LAUNCH / "sweep.py"), *args], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=timeout)
     if check:
         assert out.returncode == 0, out.stderr
     return out
@@ -311,3 +311,18 @@ def test_sweep_gathers_the_results_table(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())[
         "zs_weight=0.1_zs_form=label"]["overrides"] == {"loss.zs_weight": "0.1",
                                                         "loss.zs_form": "label"}
+
+
+@pytest.mark.slow
+def test_sweep_runs_the_jobs_here_in_sequence_then_gathers_them(tmp_path):
+    args = ["--config=tests/configs/tiny.py", f"--workdir_root={tmp_path}", "--grid=seed=0,1"]
+    sweep(*args, timeout=900)
+    rows = [line.split(" | ") for line in (tmp_path / "results.md").read_text().splitlines()
+            if line.startswith("| seed=")]
+    assert [r[:3] for r in rows] == [["| seed=0", "finished", "12"], ["| seed=1", "finished", "12"]]
+    for seed, row in enumerate(rows):
+        summary = json.loads((tmp_path / f"seed={seed}" / "summary.json").read_text())
+        assert row[3] == f"{summary['train']['loss']:.4f}"
+    assert rows[0][3] != rows[1][3]  # the seeds differ
+    again = sweep(*args)
+    assert again.stdout.count("done already") == 2 and "seed=1 | finished" in again.stdout
