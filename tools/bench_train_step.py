@@ -1,25 +1,35 @@
-r"""Train-step throughput, JAX against PyTorch, and GPU parity of the Flax CLIP with HF.
+r"""Train-step speed of the project against the shared PyTorch peer, one table per case; and the
+GPU parity of the Flax CLIP with HF (``--check``).
 
-Benchmark (default): for each model (random init built from config, nothing downloaded) the
-real train step of the trainer (step.setup from config_base.base_config(), on a mesh of all local
-devices, donated state, frozen image tower run inside the step, 100 class text embeddings
-precomputed, bf16 compute, float32 params and optimizer) against the same step in PyTorch
-(tools/bench_train_step_torch.py: HF CLIPVisionModelWithProjection, SDPA, bf16 autocast, TF32,
-fused AdamW, eager and torch.compile). Each variant runs in its own process so that each
-framework has the whole GPU (JAX preallocates most of its memory). Inputs are random arrays
-already on the device. Time: warm-up steps (compilation excluded), then ``--repeats`` runs of
-``--steps`` steps with a device sync at the end of each; the median per-step time is reported.
-FLOPs per step (for MFU) are counted from the model sizes (``step_flops``: XLA's cost
-analysis on the GPU leaves out the cuBLAS and cuDNN custom calls); the same FLOPs serve the
-PyTorch step.
+Benchmark (default): each case ``model:batch`` (b32 = ViT-B/32, l14 = ViT-L/14, tiny for a CPU;
+random init built from config, nothing downloaded) runs its variants. A project variant is a
+named set of config overrides (``VARIANTS``) of ``config_base.base_config()``; its step is the
+trainer's (``step.setup`` on a mesh of all visible devices, donated state, the frozen image
+tower run inside the step or, for ``cached``, precomputed embeddings in its place, 100 class
+text embeddings precomputed), each variant in its own process, so that each one has the GPU
+to itself and its peak memory is its own (JAX preallocates). The variant ``peer`` runs
+``--peer`` (``../shared/bench/peer_torch_step.py``: HF towers, SDPA, bf16 autocast, fused AdamW,
+eager and torch.compile) on the same cases in one process, after the project's variants, or at
+the same time on another GPU with ``--peer_gpu`` (the project's variants then run on one GPU,
+the first one that is not the peer's).
+
+Time: the first (compiling) step, ``--warmup`` steps, then ``--repeats`` runs of ``--steps``
+steps with a device sync at the end of each; the median per-step time is reported (the peer
+times its own way: 5 warm-up steps, the median of 3 runs of ``--steps``). Inputs are random
+arrays already on the device. MFU counts the matmul FLOPs of the step that ran (``step_flops``:
+the event tower's forward and backward, 3 forwards, plus the frozen image tower's forward unless
+its embeddings are cached; remat's recomputation is not counted), the same count for the
+peer's rows, against ``--peak_tflops`` or the device's bf16 dense peak. Each table gives
+samples/s, step ms, MFU, peak memory and the ratios of samples/s to the peer's compile and
+eager modes and to the project's ``step`` variant; the raw results go to ``--result_json``.
 
 ``--check``: on the GPU, the Flax towers against HF transformers' CLIPModel with the same random
 weights (converted with evclip_jax.convert), float32 with matmul precision "highest" and TF32
-off (relative error <= 1e-4 on image, event and text embeddings), and bf16 (reported). Also the
-PyTorch loss twin against evclip_jax.losses on the same embeddings.
+off (relative error <= 1e-4 on image, event and text embeddings), and bf16 (reported).
 
-    PYTHONPATH=. python3 tools/bench_train_step.py --check --models=b32,l14
-    PYTHONPATH=. python3 tools/bench_train_step.py --models=b32,l14 --steps=20 --repeats=5
+    python tools/bench_train_step.py --cases=b32:256:step+cached+peer,l14:128:step+peer,\
+l14:512:step+remat_matmuls --peer_gpu=1 --result_json=bench_train_step.json
+    python tools/bench_train_step.py --check --bench=false --cases=b32:8,l14:8
 
 Imports no TensorFlow; its config is config_base.base_config() (carry ml_collections as a wheel
 where it is not installed).
@@ -27,9 +37,7 @@ where it is not installed).
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -37,32 +45,47 @@ import sys
 import tempfile
 import time
 import traceback
+from typing import NamedTuple
 
 from absl import app, flags
 
-_MODELS = flags.DEFINE_list("models", ["b32", "l14"], "models to run: b32, l14, tiny")
-_BATCH = flags.DEFINE_list("batch_sizes", ["b32:256", "l14:128", "tiny:8"],
-                           "global batch size per model, model:size")
+from evclip_jax import config_base
+
+PEER = "peer"  # the variant that runs the shared PyTorch peer
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_CASES = flags.DEFINE_list(
+    "cases", ["b32:256", "l14:128"],
+    "cases model:batch[:variant+variant...] (model b32, l14 or tiny; batch global); a case "
+    f"without variants runs --variants. Variants: {PEER} and the names of VARIANTS")
+_VARIANTS = flags.DEFINE_list("variants", ["step", PEER], "variants of a case that names none")
+_SET = flags.DEFINE_multi_string(
+    "set", [], "field=value: a base_config() field set in every project variant, after the "
+    "variant's own (e.g. model.attention_impl=xla on a CPU); repeatable")
+_PEER = flags.DEFINE_string("peer", os.path.join(_REPO, "..", "shared", "bench",
+                                                 "peer_torch_step.py"),
+                            "the PyTorch peer script (its --cases, --modes, --steps)")
+_PEER_MODES = flags.DEFINE_list("peer_modes", ["eager", "compile"], "the peer's --modes")
+_PEER_GPU = flags.DEFINE_integer(
+    "peer_gpu", -1, ">= 0: run the peer on this GPU at the same time as the project's variants "
+    "(which then run on GPU 0, or 1 if the peer has 0); -1: the peer after them, on all GPUs")
 _STEPS = flags.DEFINE_integer("steps", 20, "timed steps per repeat")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed repeats (the median is reported)")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps after the first (compiling) one")
-_JAX_ATTN = flags.DEFINE_list("jax_attention", ["cudnn", "xla"],
-                              "attention_impl values to time for JAX")
-_TORCH_MODES = flags.DEFINE_list("torch_modes", ["eager", "compile"], "PyTorch variants")
-_COMPILE_MODE = flags.DEFINE_string("torch_compile_mode", "default", "torch.compile mode")
 _BENCH = flags.DEFINE_bool("bench", True, "run the throughput benchmark")
 _CHECK = flags.DEFINE_bool("check", False, "run the GPU parity check (Flax vs HF torch)")
 _CHECK_BATCH = flags.DEFINE_integer("check_batch", 8, "images per parity check")
 _DEADLINE = flags.DEFINE_float("deadline_s", 0.0,
-                               "> 0: skip benchmark variants that would start after this many "
-                               "seconds, and kill a running one at it")
+                               "> 0: skip variants that would start after this many seconds, "
+                               "and kill a running one (or the peer) at it")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0,
                            "bf16 dense peak per device for MFU; 0: from the device name")
-_RESULT_JSON = flags.DEFINE_string("result_json", "", "write all results to this JSON file")
-_WORKER = flags.DEFINE_enum("worker", "", ["", "jax", "torch", "check"],
+_RESULT_JSON = flags.DEFINE_string("result_json", "bench_train_step.json",
+                                   "where the raw results go (JSON); empty: nowhere")
+_WORKER = flags.DEFINE_enum("worker", "", ["", "jax", "check"],
                             "internal: run one variant (or the check) in this process")
-_VARIANT = flags.DEFINE_string("variant", "", "internal: attention_impl or torch mode")
-_WORKER_MODEL = flags.DEFINE_string("worker_model", "", "internal: model of the worker")
+_VARIANT = flags.DEFINE_string("variant", "", "internal: the worker's variant")
+_WORKER_CASE = flags.DEFINE_string("worker_case", "", "internal: the worker's model:batch")
 _RESULT_FILE = flags.DEFINE_string("result_file", "", "internal: where the worker writes")
 
 NUM_CLASSES = 100
@@ -70,6 +93,18 @@ _START = [time.time()]
 _CACHE_DIR = os.path.join(tempfile.gettempdir(), f"bench_train_step_jax_cache_{os.getpid()}")
 # bf16 dense tensor-core peak per GPU (datasheet, SXM) for the MFU column.
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+# Project variants: config overrides of bench_config(), from config_base.VARIANTS where it
+# names them. "step" is the fast default on a GPU: bf16 compute, cuDNN fused attention.
+_FAST = config_base.VARIANTS["cudnn"]
+VARIANTS = {
+    "step": dict(_FAST),
+    # Precomputed image-tower embeddings replace the frozen forward (records' teacher_emb).
+    "cached": {**_FAST, **config_base.VARIANTS["teacher_emb"]},
+    "remat_matmuls": {**_FAST, "model.remat": "matmuls"},
+    "remat_full": {**_FAST, "model.remat": "full"},
+    "xla_attention": {**config_base.VARIANTS["bf16"], "model.attention_impl": "xla"},
+}
 
 # Sizes of HF's openai/clip-vit-base-patch32 and clip-vit-large-patch14 (TowerConfig fields).
 MODELS = {
@@ -83,7 +118,7 @@ MODELS = {
             "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                          num_attention_heads=12),
             "projection_dim": 768},
-    # For trying the script on a CPU.
+    # For trying the tool on a CPU.
     "tiny": {"vision": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, image_size=32, patch_size=8),
              "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -91,6 +126,66 @@ MODELS = {
                           eos_token_id=999),
              "projection_dim": 32},
 }
+
+
+class Case(NamedTuple):
+    """One table: a model at a global batch size, and the variants to run on it."""
+
+    model: str
+    batch_size: int
+    variants: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}:{self.batch_size}"
+
+
+def parse_cases(items: list[str], default_variants: list[str]) -> list[Case]:
+    """``--cases`` entries ``model:batch[:v1+v2...]`` -> Cases; ValueError naming the entry."""
+    known = [*VARIANTS, PEER]
+    cases = []
+    for item in items:
+        parts = item.split(":")
+        variants = parts[2].split("+") if len(parts) == 3 else list(default_variants)
+        if len(parts) not in (2, 3) or parts[0] not in MODELS or not parts[1].isdigit() \
+                or int(parts[1]) < 1:
+            raise ValueError(f"--cases entry {item!r}: expected model:batch[:variant+...] with "
+                             f"model one of {', '.join(MODELS)} and a positive batch")
+        unknown = [v for v in variants if v not in known]
+        if unknown or not variants:
+            raise ValueError(f"--cases entry {item!r}: variants {unknown or variants}; "
+                             f"expected some of {', '.join(known)}")
+        cases.append(Case(parts[0], int(parts[1]), tuple(dict.fromkeys(variants))))
+    return cases
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``--set`` entries ``field=value`` -> {field: value}, each value converted to the type of
+    the base_config() field; ValueError naming the entry for an unknown field or a bad value."""
+    base = bench_config(1)
+    out = {}
+    for item in items:
+        field, sep, raw = item.partition("=")
+        node = base
+        try:
+            for name in field.split("."):
+                node = node[name]
+        except (KeyError, AttributeError, TypeError):
+            node = None
+        if not sep or node is None or isinstance(node, (dict, list, tuple)) \
+                or hasattr(node, "keys"):
+            raise ValueError(f"--set {item!r}: expected field=value with a scalar field of "
+                             "config_base.base_config(), e.g. model.attention_impl=xla")
+        if isinstance(node, bool):
+            if raw.lower() not in ("true", "false"):
+                raise ValueError(f"--set {item!r}: expected true or false")
+            out[field] = raw.lower() == "true"
+        else:
+            try:
+                out[field] = type(node)(raw)
+            except ValueError as e:
+                raise ValueError(f"--set {item!r}: expected a {type(node).__name__}") from e
+    return out
 
 
 def clip_config(model: str):
@@ -103,52 +198,36 @@ def clip_config(model: str):
                       text=TowerConfig(**m["text"], projection_dim=p), projection_dim=p)
 
 
-def hf_vision_config(model: str) -> dict:
-    """The HF CLIPVisionConfig kwargs of the same vision tower (for the PyTorch twin)."""
-    v = clip_config(model).vision
-    return dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
-                image_size=v.image_size, patch_size=v.patch_size, num_channels=v.num_channels,
-                projection_dim=v.projection_dim, hidden_act=v.hidden_act,
-                layer_norm_eps=v.layer_norm_eps)
-
-
 def bench_config(batch_size: int):
     """The training config of the benchmark: ``base_config()`` (the paper's objective and loss,
     the release's optimizer) at this global batch size."""
-    from evclip_jax.config_base import base_config
-
-    config = base_config()
+    config = config_base.base_config()
     config.batch_size = batch_size
     config.optim.warmup_steps = 100
     config.num_train_steps = 10_000
     return config
 
 
-def step_flops(model: str, batch_size: int) -> float:
+def step_flops(model: str, batch_size: int, cached: bool = False) -> float:
     """Matmul FLOPs (2 per multiply-add) of one train step over the global batch.
 
     One vision-tower forward per image: patch embedding, per layer the q/k/v/out projections
     (8 T D^2), the MLP (4 T D F) and attention's two batched products (4 T^2 D), then the
     projection of the class token. The step runs the event tower forward and backward (3x a
-    forward) and the frozen image tower forward (1x): 4 forwards per sample. The losses'
-    [N, N] and [N, 100] products are counted too. XLA's cost analysis on the GPU leaves out
-    cuBLAS and cuDNN custom calls, so it cannot give this number there.
+    forward) and, unless the image embeddings are ``cached``, the frozen image tower forward
+    (1x). The losses' products are counted too: e v^T and its gradient (L_ct), v v^T, v e^T
+    and its gradient (L_kl), v t^T, e t^T and its gradient (L_zs, 100 classes). XLA's cost
+    analysis on the GPU leaves out cuBLAS and cuDNN custom calls, so it cannot give this
+    number there.
     """
     v, p = clip_config(model).vision, MODELS[model]["projection_dim"]
     t, d, f = v.num_patches + 1, v.hidden_size, v.intermediate_size
     patch = 2 * v.num_patches * v.patch_size**2 * v.num_channels * d
     layer = 8 * t * d * d + 4 * t * d * f + 4 * t * t * d
     forward = patch + v.num_hidden_layers * layer + 2 * d * p
-    # Losses: e v^T (fwd + 2 bwd), v v^T, e t^T (fwd + bwd), v t^T, v e^T (fwd + bwd).
     n = batch_size
-    losses = 2 * p * (3 * n * n + n * n + 3 * n * NUM_CLASSES + n * NUM_CLASSES + 3 * n * n)
-    return float(4 * forward * batch_size + losses)
-
-
-def batch_size_of(model: str) -> int:
-    sizes = dict(item.split(":") for item in _BATCH.value)
-    return int(sizes[model])
+    losses = 2 * p * (5 * n * n + 3 * n * NUM_CLASSES)
+    return float((3 if cached else 4) * forward * batch_size + losses)
 
 
 # ----------------------------------------------------------------------------- JAX worker
@@ -161,6 +240,13 @@ def _flops(cost) -> float | None:
     return float(cost["flops"])
 
 
+def _set_field(cfg, field: str, value) -> None:
+    *parents, name = field.split(".")
+    for parent in parents:
+        cfg = cfg[parent]
+    cfg[name] = value
+
+
 def build_jax_step(model: str, batch_size: int, overrides: dict | None = None, devices=None):
     """(config, step.Setup, batch): the trainer's step for ``model`` (step.setup from
     base_config() with ``overrides``, {"model.remat": "matmuls", ...}; random params made on
@@ -170,14 +256,12 @@ def build_jax_step(model: str, batch_size: int, overrides: dict | None = None, d
     import jax.numpy as jnp
 
     from evclip_jax import embed, sharding, step, text
-    from evclip_jax.models.clip import Towers
+    from evclip_jax.models.towers import Towers
 
     clip_cfg = clip_config(model)
     cfg = bench_config(batch_size)
-    cfg.model.dtype = "bfloat16"
     for field, value in (overrides or {}).items():
-        section, name = field.split(".")
-        cfg[section][name] = value
+        _set_field(cfg, field, value)
     devices = jax.local_devices() if devices is None else devices
     if cfg.batch_size % len(devices):
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by {len(devices)} devices")
@@ -217,8 +301,8 @@ def class_names() -> list[str]:
     return [f"class {i}" for i in range(NUM_CLASSES)]
 
 
-def jax_bench(model: str, attention: str, steps: int, repeats: int, warmup: int) -> dict:
-    """Times the trainer's step for ``model`` with attention_impl ``attention``."""
+def jax_bench(case: Case, variant: str, steps: int, repeats: int, warmup: int) -> dict:
+    """Times the trainer's step of ``variant`` (VARIANTS, then --set) on ``case``."""
     import flax
     import jax
     import numpy as np
@@ -228,17 +312,16 @@ def jax_bench(model: str, attention: str, steps: int, repeats: int, warmup: int)
     def phase(what: str) -> None:
         print(f"  [{time.perf_counter() - t_start:6.1f} s] {what}", flush=True)
 
-    cfg, s, batch = build_jax_step(model, batch_size_of(model),
-                                   {"model.attention_impl": attention})
+    overrides = {**VARIANTS[variant], **parse_overrides(_SET.value)}
+    cfg, s, batch = build_jax_step(case.model, case.batch_size, overrides)
     state, frozen, text_emb = s.state, s.frozen, s.classes
     mesh = text_emb.sharding.mesh
     devices = jax.local_devices()
     phase("params initialised and placed, optimizer state and class text embeddings ready")
 
     with jax.set_mesh(mesh):
-        step_fn = s.step_fn
         t0 = time.perf_counter()
-        compiled = step_fn.lower(state, frozen, text_emb, batch).compile()
+        compiled = s.step_fn.lower(state, frozen, text_emb, batch).compile()
         compile_s = time.perf_counter() - t0
         compiled_flops = _flops(compiled.cost_analysis())
         phase(f"train step compiled in {compile_s:.1f} s")
@@ -259,40 +342,35 @@ def jax_bench(model: str, attention: str, steps: int, repeats: int, warmup: int)
         phase("timed")
     values = {k: float(x) for k, x in jax.device_get(metrics).items()}
     if not np.isfinite(values["loss"]):
-        raise FloatingPointError(f"JAX {attention}: non-finite loss {values['loss']}")
+        raise FloatingPointError(f"{variant}: non-finite loss {values['loss']}")
     stats = devices[0].memory_stats() or {}
     return {
         "step_s": sorted(times)[len(times) // 2],
         "step_s_all": times,
         "compile_s": compile_s,
         "first_step_s": first_s,
-        "flops": step_flops(model, cfg.batch_size),
+        "flops": step_flops(case.model, cfg.batch_size, cached=cfg.data.teacher_emb),
         # What XLA counts in the compiled program: on the GPU without the cuBLAS/cuDNN calls.
         "xla_compiled_flops_per_device": compiled_flops,
+        "overrides": overrides,
         "loss": values["loss"],
         "grad_norm": values["grad_norm"],
         "peak_mem_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
         "devices": len(devices),
         "device": devices[0].device_kind,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "versions": f"jax {jax.__version__}, flax {flax.__version__}",
     }
 
 
 def run_worker() -> None:
     """One variant in this process; the result (or the error) goes to --result_file."""
-    model, variant = _WORKER_MODEL.value, _VARIANT.value
     try:
         if _WORKER.value == "check":
             out = run_check()
-        elif _WORKER.value == "jax":
-            out = jax_bench(model, variant, _STEPS.value, _REPEATS.value, _WARMUP.value)
         else:
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-            import bench_train_step_torch
-
-            out = bench_train_step_torch.bench(
-                hf_vision_config(model), bench_config(batch_size_of(model)), variant,
-                _STEPS.value, _REPEATS.value, _WARMUP.value, NUM_CLASSES, _COMPILE_MODE.value)
+            case = parse_cases([f"{_WORKER_CASE.value}:{_VARIANT.value}"], [])[0]
+            out = jax_bench(case, _VARIANT.value, _STEPS.value, _REPEATS.value, _WARMUP.value)
     except Exception as e:  # reported in the table; the other variants still run
         traceback.print_exc()
         out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
@@ -303,24 +381,39 @@ def run_worker() -> None:
 # ----------------------------------------------------------------------------- benchmark
 
 
-def _spawn(worker: str, model: str, variant: str, timeout: float | None) -> dict:
-    """Runs one worker in a fresh process (all of the GPU to itself); returns its result."""
+def _time_left() -> float | None:
+    """Seconds left before --deadline_s (counted from the start of main), None without one."""
+    return _DEADLINE.value - (time.time() - _START[0]) if _DEADLINE.value else None
+
+
+def _gpu_id(index: int) -> str:
+    """The CUDA_VISIBLE_DEVICES entry of the index-th visible GPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not visible:
+        return str(index)
+    ids = visible.split(",")
+    if index >= len(ids):
+        raise ValueError(f"--peer_gpu={_PEER_GPU.value}: CUDA_VISIBLE_DEVICES={visible} has "
+                         f"{len(ids)} GPUs")
+    return ids[index]
+
+
+def _spawn(worker: str, case: str, variant: str, env: dict, timeout: float | None) -> dict:
+    """Runs one worker in a fresh process (the GPU to itself); returns its result."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_file = f.name
     cmd = [sys.executable, os.path.abspath(__file__), f"--worker={worker}",
-           f"--worker_model={model}", f"--variant={variant}", f"--result_file={result_file}",
+           f"--worker_case={case}", f"--variant={variant}", f"--result_file={result_file}",
            f"--steps={_STEPS.value}", f"--repeats={_REPEATS.value}", f"--warmup={_WARMUP.value}",
-           f"--batch_sizes={','.join(_BATCH.value)}", f"--models={','.join(_MODELS.value)}",
-           f"--check_batch={_CHECK_BATCH.value}",
-           f"--torch_compile_mode={_COMPILE_MODE.value}"]
-    env = dict(os.environ)
+           f"--cases={','.join(_CASES.value)}", f"--check_batch={_CHECK_BATCH.value}",
+           *[f"--set={item}" for item in _SET.value]]
+    env = dict(env)
     if worker == "jax":
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # alone on the GPU
-    if worker in ("jax", "check"):
-        # Shared by this invocation's workers: set-up programs (init, text tower) compile once.
-        # The timed step is compiled afresh per variant, and its compile time is reported.
-        env.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
-    print(f"\n=== {worker} {variant} {model} ===", flush=True)
+    # Shared by this invocation's workers: set-up programs (init, text tower) compile once.
+    # The timed step is compiled afresh per variant, and its compile time is reported.
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE_DIR)
+    print(f"\n=== {worker} {variant} {case} ===", flush=True)
     t0 = time.time()
     try:
         subprocess.run(cmd, env=env, timeout=timeout, check=False)
@@ -335,8 +428,60 @@ def _spawn(worker: str, model: str, variant: str, timeout: float | None) -> dict
             os.remove(result_file)
     out["wall_s"] = round(time.time() - t0, 1)
     summary = {k: out[k] for k in ("step_s", "loss", "error", "wall_s") if k in out}
-    print(f"=== {worker} {variant} {model}: {summary}", flush=True)
+    print(f"=== {worker} {variant} {case}: {summary}", flush=True)
     return out
+
+
+class PeerRun:
+    """The peer script over every case that names ``peer``, in one process; its stdout (a
+    header line, then one JSON line per case and mode) goes to a temporary file."""
+
+    def __init__(self, cases: list[Case], env: dict):
+        self.cmd = [sys.executable, os.path.abspath(_PEER.value),
+                    "--cases=" + ",".join(f"{c.model.upper()}:{c.batch_size}" for c in cases),
+                    f"--modes={','.join(_PEER_MODES.value)}", f"--steps={_STEPS.value}"]
+        self.gpu = env.get("CUDA_VISIBLE_DEVICES")
+        self.out = tempfile.TemporaryFile("w+")
+        print(f"\n=== peer: {' '.join(self.cmd)} (CUDA_VISIBLE_DEVICES={self.gpu}) ===",
+              flush=True)
+        self.t0 = time.time()
+        self.proc = subprocess.Popen(self.cmd, env=env, stdout=self.out)
+
+    def finish(self, timeout: float | None) -> dict:
+        """Waits (killing it at ``timeout``); {"results": {(model, batch, mode): line}, ...}."""
+        try:
+            returncode = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            returncode = f"killed at the deadline after {time.time() - self.t0:.0f} s"
+            self.proc.wait()
+        self.out.seek(0)
+        lines = self.out.read().splitlines()
+        self.out.close()
+        print("\n".join(["=== peer output:", *lines]), flush=True)
+        results, header = {}, []
+        for line in lines:
+            if not line.startswith("{"):
+                header.append(line)
+                continue
+            r = json.loads(line)
+            results[(str(r["arch"]).lower(), int(r["batch"]), str(r["mode"]))] = r
+        return {"command": self.cmd, "cuda_visible_devices": self.gpu, "returncode": returncode,
+                "header": "\n".join(header), "results": results}
+
+
+def peer_row(case: Case, mode: str, peer: dict) -> dict:
+    """The peer's line for (case, mode) as a table row: our FLOP count of the full step."""
+    line = peer["results"].get((case.model, case.batch_size, mode))
+    if line is None:
+        return {"error": f"no peer result (exit {peer['returncode']})"}
+    if "step_ms" not in line:
+        return {"error": str(line.get("error", "?")), "peer": line}
+    # The header's first line is "<torch version> <device name>".
+    device = peer["header"].splitlines()[0].partition(" ")[2] if peer["header"] else ""
+    return {"step_s": line["step_ms"] / 1e3, "flops": step_flops(case.model, case.batch_size),
+            "devices": 1, "device": device, "peak_mem_gib": line.get("peak_mem_gb"),
+            "loss": line.get("loss"), "peer": line}
 
 
 def _peak_flops(device: str) -> float | None:
@@ -348,65 +493,76 @@ def _peak_flops(device: str) -> float | None:
     return None
 
 
-def _table(model: str, batch: int, rows: list[tuple[str, dict]]) -> str:
-    """samples/s, step ms, JAX/PyTorch ratios and MFU for one model."""
-    flops = next((r["flops"] for _, r in rows if r.get("flops")), None)
-    devices = next((r["devices"] for _, r in rows if r.get("devices")), 1)
-    device = next((r["device"] for _, r in rows if r.get("device")), "")
-    peak = _peak_flops(device)
-    rate = {name: batch / r["step_s"] for name, r in rows if "step_s" in r}
-    torch_names = [n for n in rate if n.startswith("torch")]
-    head = (f"{'variant':<16}{'samples/s':>11}{'step ms':>9}{'MFU':>7}"
-            + "".join(f"{'/' + n:>16}" for n in torch_names)
-            + f"{'compile s':>11}{'peak GiB':>10}{'loss':>9}")
-    lines = [f"{model}: global batch {batch}, {devices} x {device}"
-             + (f", {flops / 1e12:.2f} TFLOP/step" if flops else ""), head]
-    for name, r in rows:
+def case_table(case: Case, rows: dict[str, dict]) -> str:
+    """samples/s, step ms, MFU, peak memory and ratios of samples/s for one case."""
+    batch = case.batch_size
+    rate = {name: batch / r["step_s"] for name, r in rows.items() if "step_s" in r}
+    refs = [n for n in (f"{PEER}-compile", f"{PEER}-eager", "step") if n in rate]
+    head = (f"{'variant':<16}{'samples/s':>11}{'step ms':>10}{'MFU':>8}{'peak GiB':>10}"
+            + "".join(f"{'/' + n:>15}" for n in refs) + f"{'compile s':>11}{'loss':>10}")
+    lines = [f"{case.name}: global batch {batch}", head]
+    for name, r in rows.items():
         if "step_s" not in r:
             lines.append(f"{name:<16}  FAILED: {r.get('error', '?')}")
             continue
-        mfu = (f"{100 * flops / r['step_s'] / (devices * peak):6.1f}%"
-               if flops and peak else f"{'-':>7}")
-        ratios = "".join(f"{rate[name] / rate[n]:>16.2f}" for n in torch_names)
-        comp = r.get("compile_s", r.get("first_step_s"))
+        peak = _peak_flops(r.get("device", ""))
+        mfu = (f"{100 * r['flops'] / r['step_s'] / (r['devices'] * peak):7.1f}%"
+               if peak else f"{'-':>8}")
         mem = r.get("peak_mem_gib")
-        lines.append(f"{name:<16}{rate[name]:>11.1f}{1e3 * r['step_s']:>9.2f}{mfu}{ratios}"
-                     f"{comp:>11.1f}{(f'{mem:.1f}' if mem else '-'):>10}{r['loss']:>9.4f}")
+        comp = r.get("compile_s")
+        loss = r.get("loss")
+        lines.append(
+            f"{name:<16}{rate[name]:>11.1f}{1e3 * r['step_s']:>10.2f}{mfu}"
+            f"{(f'{mem:.2f}' if mem else '-'):>10}"
+            + "".join(f"{rate[name] / rate[n]:>15.3f}" for n in refs)
+            + f"{(f'{comp:.1f}' if comp is not None else '-'):>11}"
+            + f"{(f'{loss:.4f}' if loss is not None else '-'):>10}")
+    devices: dict[str, list[str]] = {}
+    for name, r in rows.items():
+        if "devices" in r:
+            devices.setdefault(f"{r['devices']} x {r['device']}", []).append(name)
+    lines.append("devices: " + "; ".join(f"{', '.join(names)} on {where}"
+                                         for where, names in devices.items()))
     return "\n".join(lines)
 
 
-def _time_left() -> float | None:
-    """Seconds left before --deadline_s (counted from the start of main), None without one."""
-    return _DEADLINE.value - (time.time() - _START[0]) if _DEADLINE.value else None
-
-
-def run_bench() -> dict:
-    results: dict = {}
-    tables = []
-    for model in _MODELS.value:
-        rows = []
-        # Interleaved (JAX's first attention, PyTorch's last mode, ...): the most telling pair
-        # runs first, so a deadline cuts the least important variant.
-        jax_v = [("jax", a) for a in _JAX_ATTN.value]
-        torch_v = [("torch", m) for m in reversed(_TORCH_MODES.value)]
-        variants = [v for pair in itertools.zip_longest(jax_v, torch_v) for v in pair if v]
-        for worker, variant in variants:
-            name = f"{worker}-{variant}"
+def run_bench(cases: list[Case]) -> dict:
+    """Every project variant of every case (one process each), then or meanwhile the peer."""
+    peer_cases = [c for c in cases if PEER in c.variants]
+    jax_env, peer = dict(os.environ), None
+    if peer_cases and _PEER_GPU.value >= 0:
+        peer_env = dict(os.environ, CUDA_VISIBLE_DEVICES=_gpu_id(_PEER_GPU.value))
+        jax_env["CUDA_VISIBLE_DEVICES"] = _gpu_id(1 if _PEER_GPU.value == 0 else 0)
+        peer = PeerRun(peer_cases, peer_env)
+    rows: dict[str, dict[str, dict]] = {}
+    for case in cases:
+        rows[case.name] = {}
+        for variant in case.variants:
+            if variant == PEER:
+                continue
             left = _time_left()
             if left is not None and left < 20:
-                rows.append((name, {"error": "skipped: deadline"}))
+                rows[case.name][variant] = {"error": "skipped: deadline"}
                 continue
-            rows.append((name, _spawn(worker, model, variant, left)))
-        rank = {f"{w}-{v}": i for i, (w, v) in enumerate(
-            [("jax", a) for a in _JAX_ATTN.value] + [("torch", m) for m in _TORCH_MODES.value])}
-        rows.sort(key=lambda row: rank[row[0]])
-        results[model] = {"batch_size": batch_size_of(model), **dict(rows)}
-        tables.append(_table(model, batch_size_of(model), rows))
+            rows[case.name][variant] = _spawn("jax", case.name, variant, jax_env, left)
+    peer_out = None
+    if peer_cases:
+        peer = peer or PeerRun(peer_cases, dict(os.environ))
+        peer_out = peer.finish(_time_left())
+        for case in peer_cases:
+            for mode in _PEER_MODES.value:
+                rows[case.name][f"{PEER}-{mode}"] = peer_row(case, mode, peer_out)
+        peer_out["results"] = list(peer_out["results"].values())
+    tables = [case_table(case, rows[case.name]) for case in cases]
     print("\n" + "\n\n".join(tables), flush=True)
-    versions = sorted({r["versions"] for m in results.values() for r in m.values()
-                       if isinstance(r, dict) and "versions" in r})
+    versions = sorted({r["versions"] for case_rows in rows.values() for r in case_rows.values()
+                       if "versions" in r})
+    if peer_out and peer_out["header"]:
+        versions.append(f"peer: {peer_out['header']}")
     print("versions: " + "; ".join(versions), flush=True)
-    return results
+    return {"cases": {c.name: {"model": c.model, "batch_size": c.batch_size,
+                               "rows": rows[c.name]} for c in cases},
+            "peer": peer_out, "tables": tables}
 
 
 # ----------------------------------------------------------------------------- parity check
@@ -419,53 +575,6 @@ def _rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def _check_losses(cfg) -> dict:
-    """The PyTorch loss twin against evclip_jax.losses: values and gradients (float32, GPU)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import torch
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bench_train_step_torch
-
-    from evclip_jax import losses
-
-    lc = cfg.loss
-    rng = np.random.default_rng(0)
-    n, d, m = 64, 32, NUM_CLASSES
-    v_raw = rng.normal(size=(n, d)).astype(np.float32)
-    e_raw = (v_raw + 0.5 * rng.normal(size=(n, d))).astype(np.float32)  # correlated pairs
-    t = rng.normal(size=(m, d)).astype(np.float32)
-    t /= np.linalg.norm(t, axis=-1, keepdims=True)
-    log_tau, scale = np.float32(math.log(0.5)), np.float32(math.log(1 / 0.07))
-
-    def jax_total(e_raw, log_tau, scale):
-        norm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-        e, v = norm(e_raw), norm(jnp.asarray(v_raw))
-        ct = losses.loss_ct(e, v, jnp.exp(log_tau))
-        zs = losses.loss_zs(e, v, jnp.asarray(t), scale, T=lc.zs_temperature, form=lc.zs_form)
-        kl = losses.loss_kl(e, v, lc.kl_temperature, lc.sinkhorn_iters)
-        return lc.ct_weight * ct + lc.zs_weight * zs + lc.kl_weight * kl, (ct, zs, kl)
-
-    (j_total, j_terms), j_grads = jax.value_and_grad(jax_total, argnums=(0, 1, 2),
-                                                     has_aux=True)(e_raw, log_tau, scale)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    te = torch.tensor(e_raw, device=dev, requires_grad=True)
-    tt = torch.tensor(log_tau, device=dev, requires_grad=True)
-    ts = torch.tensor(scale, device=dev, requires_grad=True)
-    t_total, t_terms = bench_train_step_torch.step_losses(
-        te, torch.tensor(v_raw, device=dev), torch.tensor(t, device=dev), tt, ts, lc)
-    t_total.backward()
-    out = {"loss": _rel_err(t_total.item(), float(j_total))}
-    for name, a, b in zip(("loss_ct", "loss_zs", "loss_kl"), t_terms, j_terms, strict=True):
-        out[name] = _rel_err(a.item(), float(b))
-    for name, a, b in zip(("grad_e", "grad_log_tau", "grad_logit_scale"),
-                          (te.grad, tt.grad, ts.grad), j_grads, strict=True):
-        out[name] = _rel_err(a.cpu().numpy(), np.asarray(b))
-    return out
-
-
 def _check_model(model: str, dev) -> dict:
     """Errors of the Flax towers against an HF CLIPModel with the same random weights."""
     import jax
@@ -475,7 +584,7 @@ def _check_model(model: str, dev) -> dict:
     import transformers
 
     from evclip_jax import convert
-    from evclip_jax.models.clip import Towers
+    from evclip_jax.models.towers import Towers
 
     clip_cfg = clip_config(model)
     hf_cfg = transformers.CLIPConfig(**clip_cfg.to_hf_dict())
@@ -542,6 +651,11 @@ def _check_model(model: str, dev) -> dict:
     return res
 
 
+def _models() -> list[str]:
+    """The models of --cases, in order."""
+    return list(dict.fromkeys(item.split(":")[0] for item in _CASES.value))
+
+
 def run_check() -> dict:
     """Flax towers vs HF CLIPModel on the GPU (same random weights), float32 and bf16."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
@@ -553,16 +667,12 @@ def run_check() -> dict:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"check on jax {jax.devices()[0].device_kind} / torch {dev}", flush=True)
     results: dict = {}
-    for model in _MODELS.value:
+    for model in _models():
         results[model] = _check_model(model, dev)
         print(f"{model}: {json.dumps(results[model], indent=1)}", flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    with jax.default_matmul_precision("highest"):
-        results["torch_loss_twin_vs_evclip_losses"] = _check_losses(bench_config(64))
-    print("loss twin rel err: " + json.dumps(results["torch_loss_twin_vs_evclip_losses"]),
-          flush=True)
-    failed = [m for m in _MODELS.value if not results[m]["float32_within_1e-4"]]
+    failed = [m for m in results if not results[m]["float32_within_1e-4"]]
     print("\nPARITY float32 (limit 1e-4): " + ("ok" if not failed else f"FAILED for {failed}"),
           flush=True)
     return results
@@ -574,7 +684,7 @@ def _check_summary(res: dict) -> str:
         return f"CHECK FAILED: {res['error']}"
     lines = ["parity vs HF torch on the GPU (relative error ||ours - hf|| / ||hf||):"]
     for model, r in res.items():
-        if not isinstance(r, dict) or model == "torch_loss_twin_vs_evclip_losses":
+        if not isinstance(r, dict):
             continue
         lines.append(f"  {model}: conversion round trip exact: "
                      f"{r['conversion_round_trip_exact']}; float32 <= 1e-4: "
@@ -584,10 +694,6 @@ def _check_summary(res: dict) -> str:
                 lines.append(f"    {key:<24}" + ("  ".join(
                     f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}"
                     for k, v in errs.items())))
-    twin = res.get("torch_loss_twin_vs_evclip_losses")
-    if twin:
-        lines.append("  torch loss twin vs evclip_jax.losses: " + "  ".join(
-            f"{k} {v:.1e}" for k, v in twin.items()))
     return "\n".join(lines)
 
 
@@ -597,17 +703,27 @@ def main(argv):
         run_worker()
         return
     _START[0] = time.time()
+    try:
+        cases = parse_cases(_CASES.value, _VARIANTS.value)
+        parse_overrides(_SET.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    if _BENCH.value and any(PEER in c.variants for c in cases) \
+            and not os.path.isfile(_PEER.value):
+        raise app.UsageError(f"--peer={_PEER.value}: no such file; expected the PyTorch peer "
+                             "script (../shared/bench/peer_torch_step.py beside the repository)")
     out = {}
     if _CHECK.value:  # in its own process, so that it holds no GPU memory during the benchmark
-        out["check"] = _spawn("check", ",".join(_MODELS.value), "", _time_left())
+        out["check"] = _spawn("check", "", "", dict(os.environ), _time_left())
     if _BENCH.value:
-        out["bench"] = run_bench()
+        out["bench"] = run_bench(cases)
     if _CHECK.value:
         print("\n" + _check_summary(out["check"]), flush=True)
     shutil.rmtree(_CACHE_DIR, ignore_errors=True)
     if _RESULT_JSON.value:
         with open(_RESULT_JSON.value, "w") as f:
             json.dump(out, f, indent=1)
+        print(f"raw results: {os.path.abspath(_RESULT_JSON.value)}", flush=True)
 
 
 if __name__ == "__main__":
