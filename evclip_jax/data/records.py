@@ -45,6 +45,7 @@ imports without TensorFlow; the writer and ``parse_example`` import it when call
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -102,6 +103,14 @@ def _exists(path: str) -> bool:
     import tensorflow as tf
 
     return tf.io.gfile.exists(path)
+
+
+def _glob(pattern: str) -> list[str]:
+    if not _is_url(pattern):
+        return glob.glob(pattern)
+    import tensorflow as tf
+
+    return tf.io.gfile.glob(pattern)
 
 
 def _remove(path: str) -> None:
@@ -316,6 +325,8 @@ def write_tfrecords(
 
     if not _is_url(out_dir):
         os.makedirs(out_dir, exist_ok=True)
+    for stale in _glob(os.path.join(out_dir, f"{split}-*-of-*.tfrecord{PARTIAL_SUFFIX}")):
+        _remove(stale)  # left by a build that was killed
     shards, shard_counts, partial = [], [], []
     class_counts = [0] * len(class_names)
     try:
