@@ -256,7 +256,6 @@ def build_jax_step(model: str, batch_size: int, overrides: dict | None = None, d
     import jax.numpy as jnp
 
     from evclip_jax import embed, sharding, step, text
-    from evclip_jax.models.towers import Towers
 
     clip_cfg = clip_config(model)
     cfg = bench_config(batch_size)
@@ -270,7 +269,7 @@ def build_jax_step(model: str, batch_size: int, overrides: dict | None = None, d
 
     # Random params made on the device; jit returns separate buffers for the event tower and
     # the image tower it copies (the event tower is donated every step).
-    params = jax.jit(Towers(clip_cfg).init)(jax.random.key(cfg.seed))
+    params = jax.jit(towers.init)(jax.random.key(cfg.seed))
     prompts = [cfg.data.prompt.format(label=name) for name in class_names()]
     ids = text.hash_tokenize(prompts, clip_cfg.text)  # random text tower: any ids will do
     text_emb = embed.class_text_embeddings(towers.text, params["text_tower"], ids)
@@ -578,13 +577,11 @@ def _rel_err(a, b) -> float:
 def _check_model(model: str, dev) -> dict:
     """Errors of the Flax towers against an HF CLIPModel with the same random weights."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import torch
     import transformers
 
-    from evclip_jax import convert
-    from evclip_jax.models.towers import Towers
+    from evclip_jax import convert, step
 
     clip_cfg = clip_config(model)
     hf_cfg = transformers.CLIPConfig(**clip_cfg.to_hf_dict())
@@ -628,8 +625,10 @@ def _check_model(model: str, dev) -> dict:
     hf.to("cpu")  # frees its GPU memory for the Flax copies
     dev_params = jax.device_put(params)
 
-    def errs(dtype, attention):
-        towers = Towers(clip_cfg, dtype=dtype, attention_impl=attention)
+    def errs(dtype: str, attention: str):
+        cfg = bench_config(b)
+        cfg.model.update(dtype=dtype, attention_impl=attention)
+        towers = step.make_towers(cfg, clip_cfg)
         vis = jax.jit(lambda p, a: towers.vision.apply({"params": p}, a))
         txt = jax.jit(lambda p, a: towers.text.apply({"params": p}, a))
         return {"image": _rel_err(vis(dev_params["image_tower"], x), ref_img),
@@ -638,10 +637,10 @@ def _check_model(model: str, dev) -> dict:
 
     res = {"conversion_round_trip_exact": round_trip}
     with jax.default_matmul_precision("highest"):
-        res["float32_xla"] = errs(jnp.float32, "xla")
+        res["float32_xla"] = errs("float32", "xla")
     for attention in ("cudnn", "xla"):
         try:
-            res[f"bf16_{attention}"] = errs(jnp.bfloat16, attention)
+            res[f"bf16_{attention}"] = errs("bfloat16", attention)
         except Exception as e:
             res[f"bf16_{attention}"] = {
                 "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
