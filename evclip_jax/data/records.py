@@ -367,13 +367,19 @@ def write_tfrecords(
     }
     if representation == "evclip":
         manifest["event_counts_shape"] = [out_size, out_size]
-    # Publish: the old manifest goes first, so no manifest ever sits beside shards it does not
-    # describe; the new one comes last.
+    publish_split(out_dir, split, partial, manifest)
+    return manifest
+
+
+def publish_split(out_dir: str, split: str, partial: Sequence[str], manifest: dict) -> None:
+    """Puts a split's complete shards, written under temporary names ``partial`` (one per
+    ``manifest["shards"]`` entry, in order), in place and writes its manifest. The old
+    manifest goes first, so no manifest ever sits beside shards it does not describe; the new
+    one comes last, atomically."""
     _remove(manifest_path(out_dir, split))
-    for path, name in zip(partial, shards, strict=True):
+    for path, name in zip(partial, manifest["shards"], strict=True):
         _rename(path, os.path.join(out_dir, name))
     _write_json(manifest_path(out_dir, split), manifest)
-    return manifest
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -410,8 +416,7 @@ def _example(tf: Any, item: PairedItem, index: int, settings: dict[str, Any],
         feature["image"] = _bytes_feature(tf, encode_png(load_gray_image(
             item.image_path, settings["out_size"])))
     if teacher_row is not None:
-        feature["teacher_emb"] = tf.train.Feature(
-            float_list=tf.train.FloatList(value=np.asarray(teacher_row, np.float32).tolist()))
+        feature["teacher_emb"] = _teacher_emb_feature(tf, teacher_row)
     if item.caption is not None:
         # Raw text: tokenising needs the CLIP tokenizer, which lives with the model code.
         feature["caption"] = _bytes_feature(tf, item.caption.encode("utf-8"))
@@ -421,6 +426,21 @@ def _example(tf: Any, item: PairedItem, index: int, settings: dict[str, Any],
 
 def _bytes_feature(tf: Any, value: bytes) -> Any:
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _teacher_emb_feature(tf: Any, teacher_row: np.ndarray) -> Any:
+    return tf.train.Feature(
+        float_list=tf.train.FloatList(value=np.asarray(teacher_row, np.float32).tolist()))
+
+
+def with_teacher_emb(serialized: bytes, teacher_row: np.ndarray) -> bytes:
+    """The serialized record with its ``teacher_emb`` feature set to ``teacher_row`` (float32
+    [D]); every other feature stays as it was."""
+    import tensorflow as tf
+
+    example = tf.train.Example.FromString(serialized)
+    example.features.feature["teacher_emb"].CopyFrom(_teacher_emb_feature(tf, teacher_row))
+    return example.SerializeToString()
 
 
 # --------------------------------------------------------------------------------------------
