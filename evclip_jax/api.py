@@ -3,6 +3,8 @@ OpenAI layout."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -14,13 +16,24 @@ import numpy as np
 from evclip_jax import checkpoint_files, checkpoints, convert, text
 from evclip_jax.checkpoint_files import FileOptions
 from evclip_jax.embed import embed_text, embed_vision, events_to_tower_input, l2_normalize
-from evclip_jax.models.clip import CLIPConfig, Towers
+from evclip_jax.models.clip import CLIPConfig
+from evclip_jax.models.towers import Towers
+
+# Why EventBind's temporal event encoder cannot be exported to HF or OpenAI layout.
+NO_HF_TWIN = (
+    "the temporal event encoder (event_encoder='eventbind') has no HF transformers twin: "
+    "CLIPVisionModelWithProjection (and OpenAI's and open_clip's visual tower) embeds one "
+    "image, and has no temporal position embedding, no cross-frame prompts among an example's "
+    "T frames, no event prompt tokens and no average over the frames. Keep it in our own "
+    "format (save_pretrained: an evclip checkpoint dir); the image and text towers export as "
+    "usual")
 
 
 class EventCLIP:
     """Event, image and text towers with their params; each encoder is jitted once per shape.
 
-    Params: {"image_tower", "event_tower", "text_tower", "logit_scale"}, float32.
+    Params: {"image_tower", "event_tower", "text_tower", "logit_scale"}, float32 (and
+    "text_prompts" with hybrid prompts).
     """
 
     def __init__(self, config: CLIPConfig, params: dict, tokenizer: Any = None,
@@ -31,8 +44,9 @@ class EventCLIP:
         self.tokenizer = tokenizer
         self.tokenizer_dir = tokenizer_dir
         self.towers = Towers(config, dtype=dtype, attention_impl=attention_impl)
-        vision, text_tower = self.towers.vision, self.towers.text
+        vision, event, text_tower = self.towers.vision, self.towers.event, self.towers.text
         self._vision = jax.jit(lambda p, x: embed_vision(vision, p, x))
+        self._event = jax.jit(lambda p, x: embed_vision(event, p, x))
         self._text = jax.jit(lambda p, x: embed_text(text_tower, p, x))
 
     @classmethod
@@ -61,8 +75,8 @@ class EventCLIP:
                       representation: str = "evclip") -> jax.Array:
         """Event representations -> [B, D]: [B, H, W] Eq. 1 frames in [0, 1) (or [B, H, W, 3]
         tower input), or another representation as ``embed.events_to_tower_input`` takes it."""
-        out = self._vision(self.params["event_tower"],
-                           events_to_tower_input(frames, representation))
+        out = self._event(self.params["event_tower"],
+                          events_to_tower_input(frames, representation))
         return l2_normalize(out) if normalize else out
 
     def tokenize(self, texts: list[str]) -> np.ndarray:
@@ -86,18 +100,34 @@ class EventCLIP:
     def save_pretrained_hf(self, out_dir: str | os.PathLike, tower: str = "event",
                            overwrite: bool = False) -> Path:
         """"event" | "image" -> a CLIPVisionModelWithProjection dir; "clip" -> a CLIPModel dir
-        (with the image tower as its vision model)."""
+        (with the image tower as its vision model). ValueError for the event tower of a
+        temporal encoder (``NO_HF_TWIN``)."""
         params = jax.tree.map(np.asarray, self.params)
-        return convert.save_hf(params, self.config, out_dir, tower,
+        return convert.save_hf(params, self._exported_config(tower == "event"), out_dir, tower,
                                tokenizer_dir=self.tokenizer_dir, overwrite=overwrite)
 
     def save_pretrained_openai(self, out: str | os.PathLike, tower: str = "event",
                                layout: str = "openai", overwrite: bool = False) -> Path:
         """A checkpoint file in OpenAI layout (checkpoint_files.save_file): layout "openai" ->
         a CLIP state dict with ``tower`` ("event", "image") as its image tower, which open_clip
-        and OpenAI's clip load; "release" -> the paper's release layout (event tower)."""
+        and OpenAI's clip load; "release" -> the paper's release layout (event tower).
+        ValueError for the event tower of a temporal encoder (``NO_HF_TWIN``)."""
         params = jax.tree.map(np.asarray, self.params)
-        return checkpoint_files.save_file(params, self.config, out, tower, layout, overwrite)
+        config = self._exported_config(tower == "event" or layout == "release")
+        return checkpoint_files.save_file(params, config, out, tower, layout, overwrite)
+
+    def _exported_config(self, with_event_tower: bool) -> CLIPConfig:
+        """The plain CLIP architecture of an export; the event-CLIP additions stay in our
+        format (the learned prompts are left out, with a warning)."""
+        if with_event_tower and self.config.event_encoder == "eventbind":
+            raise ValueError(f"cannot export the event tower: {NO_HF_TWIN}")
+        if "text_prompts" in self.params:
+            logging.warning("the hybrid prompts' learned context and content MLP have no place "
+                            "in an HF or OpenAI-layout CLIP; they are not exported (they stay in "
+                            "this model's evclip checkpoint)")
+        defaults = {f.name: f.default for f in dataclasses.fields(CLIPConfig)
+                    if f.name in self.config.additions()}
+        return dataclasses.replace(self.config, **defaults)
 
     def save_pretrained(self, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
         """An evclip checkpoint dir (Orbax params + evclip.json + tokenizer files)."""

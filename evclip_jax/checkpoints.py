@@ -31,7 +31,8 @@ import numpy as np
 
 from evclip_jax import checkpoint_files, convert
 from evclip_jax.checkpoint_files import FileOptions
-from evclip_jax.models.clip import CLIPConfig, Towers
+from evclip_jax.models.clip import CLIPConfig
+from evclip_jax.models.towers import Towers
 
 INIT_DIR = "init"
 CHECKPOINT_DIR = "checkpoints"

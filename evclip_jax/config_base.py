@@ -11,6 +11,7 @@ import math
 
 import ml_collections
 
+from evclip_jax.models.clip import EVENT_ENCODERS, TEXT_PROMPTS
 from evclip_jax.sharding import BATCH_AXES, DEFAULT_RULES
 
 
@@ -46,6 +47,14 @@ def base_config() -> ml_collections.ConfigDict:
     # What each transformer block keeps for backward (models.clip.REMAT_POLICIES): "none",
     # "matmuls" (recompute LayerNorm, activation and attention) or "full" (recompute the block).
     c.model.remat = "none"
+    # The event tower: "vit" (the paper: the image tower's architecture; eventbind frames are
+    # embedded one at a time and averaged) | "eventbind" (E-CLIP/EventBind's temporal encoder
+    # over data.num_frames frames, models/eventbind.py; needs data.representation "eventbind").
+    c.model.event_encoder = "vit"
+    c.model.event_prompts = 16  # eventbind encoder: event prompt tokens per block (release: 16)
+    # Class text: "handcrafted" (data.prompt as written) | "hybrid" (EventBind's learned context
+    # and content prompts on data.prompt, prompts.py; trained by the eventbind objective).
+    c.model.text_prompts = "handcrafted"
 
     # evclip: L = ct_weight L_ct + zs_weight L_zs + kl_weight L_kl;
     # ezsr: L = mod_weight L_mod + ct_weight L_ct (InfoNCE); eventbind: L_htca;
@@ -191,8 +200,10 @@ VARIANTS = {
     "release": {"loss.ct_release": True, "loss.zs_form": "release", "data.paired_aug": False},
     # EZSR: scalar-wise modulation (L1) plus InfoNCE, k-NN translation at evaluation.
     "ezsr": {"objective": "ezsr", "eval.knn_k": 10},
-    # E-CLIP / EventBind: HTCA on its polarity-coloured temporal frames.
-    "eventbind": {"objective": "eventbind", "data.representation": "eventbind"},
+    # E-CLIP / EventBind: HTCA, its temporal encoder and hybrid prompts on its
+    # polarity-coloured temporal frames.
+    "eventbind": {"objective": "eventbind", "data.representation": "eventbind",
+                  "model.event_encoder": "eventbind", "model.text_prompts": "hybrid"},
     # EventCLIP's polarity histogram as the event representation.
     "eventclip": {"data.representation": "eventclip"},
     # The release's cosine-embedding L_pred for fine-tuning.
@@ -271,7 +282,8 @@ ATTENTION_IMPLS = ("", "xla", "cudnn")
 # loss, the optimizer and its schedule); a resume that changes one is refused (trainer).
 # Paths, logging, checkpointing, evaluation and the device layout are free to change.
 TRAJECTORY_FIELDS = ("seed", "batch_size", "num_epochs", "num_train_steps", "objective",
-                     "model.vision.", "model.text.", "model.dtype", "loss.", "optim.", "data.")
+                     "model.vision.", "model.text.", "model.dtype", "model.event_encoder",
+                     "model.event_prompts", "model.text_prompts", "loss.", "optim.", "data.")
 TRAJECTORY_FREE = ("data.dir", "data.eval_split", "data.skip_bad_records",
                    "data.max_bad_fraction", "data.stall_timeout_s")
 
@@ -314,6 +326,20 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
              "templates that each hold a '{label}' placeholder")
     need(bool(config.data.train_split), "data.train_split", "a split name")
     need(config.data.num_frames >= 1, "data.num_frames", ">= 1")
+    need(config.model.event_encoder in EVENT_ENCODERS, "model.event_encoder",
+         f"one of {EVENT_ENCODERS}")
+    need(config.model.event_encoder != "eventbind" or config.data.representation == "eventbind",
+         "model.event_encoder", "'vit' unless data.representation='eventbind' (the temporal "
+         "encoder takes that representation's T frames)")
+    need(config.model.event_encoder != "eventbind" or config.model.attention_impl != "cudnn",
+         "model.event_encoder", "'vit' with model.attention_impl='cudnn' (the temporal "
+         "encoder's prompt attention is not padded for cuDNN)")
+    need(config.model.event_prompts >= 0, "model.event_prompts", ">= 0")
+    need(config.model.text_prompts in TEXT_PROMPTS, "model.text_prompts",
+         f"one of {TEXT_PROMPTS}")
+    need(config.model.text_prompts != "hybrid" or config.objective == "eventbind",
+         "model.text_prompts", "'handcrafted' unless objective='eventbind' (HTCA trains the "
+         "hybrid prompts)")
     need(0 <= config.data.max_bad_fraction < 1, "data.max_bad_fraction", "in [0, 1)")
     need(config.data.stall_timeout_s > 0, "data.stall_timeout_s", "> 0 seconds")
     need(config.checkpoint.every_steps >= 1, "checkpoint.every_steps", ">= 1")

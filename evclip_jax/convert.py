@@ -24,7 +24,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from evclip_jax.models.clip import CLIPConfig, Towers
+from evclip_jax.models.clip import CLIPConfig
+from evclip_jax.models.towers import Towers
 
 EVCLIP_FORMAT = "evclip_jax"
 EVCLIP_VERSION = 1

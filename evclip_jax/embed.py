@@ -9,7 +9,8 @@ Event representations (``config.data.representation``; the records say which the
   CLIP mean/std normalised like an RGB image (EventCLIP feeds it to CLIP's preprocessing).
 * ``eventbind`` (EventBind / E-CLIP, Zhou et al.): T polarity-coloured frames in [0, 1],
   [B, T, H, W, 3], CLIP mean/std normalised. A single-frame vision tower embeds each frame and
-  averages the T embeddings (what EventBind's temporal encoder is at initialisation).
+  averages the T embeddings (what EventBind's temporal encoder, models/eventbind.py, is at
+  initialisation); the temporal encoder takes the T frames together.
 
 Grey paired images are CLIP-preprocessed: 0..255 -> / 255 -> CLIP mean/std, 3 channels.
 The tf.data pipeline has tf twins of these maps, tested against the functions here.
@@ -20,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from evclip_jax.models.eventbind import EventBindTower
 
 REPRESENTATIONS = ("evclip", "eventclip", "eventbind")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -85,19 +88,22 @@ def images_to_tower_input(gray255) -> jax.Array:
 def embed_vision(vision, params, x: jax.Array) -> jax.Array:
     """Projected float32 embeddings [B, D] of a vision tower on tower input.
 
-    [B, H, W, C] is one image per example; [B, T, H, W, C] embeds each of the T frames and
-    averages their embeddings.
+    [B, H, W, C] is one image per example; [B, T, H, W, C] goes whole to EventBind's temporal
+    encoder, while a single-frame tower embeds each of the T frames and averages their
+    embeddings.
     """
-    if x.ndim == 5:
+    if x.ndim == 5 and not isinstance(vision, EventBindTower):
         b, t = x.shape[:2]
         out = vision.apply({"params": params}, x.reshape((b * t, *x.shape[2:])))
         return out.astype(jnp.float32).reshape(b, t, -1).mean(axis=1)
     return vision.apply({"params": params}, x).astype(jnp.float32)
 
 
-def embed_text(text, params, ids: jax.Array) -> jax.Array:
-    """Projected float32 embeddings [B, D] of a text tower on int token ids [B, L]."""
-    return text.apply({"params": params}, ids).astype(jnp.float32)
+def embed_text(text, params, ids: jax.Array, token_offsets: jax.Array | None = None
+               ) -> jax.Array:
+    """Projected float32 embeddings [B, D] of a text tower on int token ids [B, L], with
+    optional offsets [B, L, width] of their token embeddings (learned prompts)."""
+    return text.apply({"params": params}, ids, token_offsets).astype(jnp.float32)
 
 
 def class_text_embeddings(text, params, token_ids) -> jax.Array:

@@ -5,7 +5,7 @@ objective      trainable               frozen              loss (METHOD.md "Loss
 =============  ======================  ==================  ======================================
 ``evclip``     event tower             image, text towers  ct L_ct + zs L_zs + kl L_kl (the paper)
 ``ezsr``       event tower             image, text towers  mod L_mod (EZSR, L1/L2) + ct L_ct
-``eventbind``  event tower             image, text towers  L_htca (E-CLIP/EventBind, 3 terms)
+``eventbind``  event tower (+ prompts)  image, text towers  L_htca (E-CLIP/EventBind, 3 terms)
 ``finetune``   event tower             (none in the step)  L_pred (paper Eq. 6 or release cosine)
 ``clip``       image and text towers   (no event tower)    CLIP's symmetric contrastive loss
 =============  ======================  ==================  ======================================
@@ -18,7 +18,10 @@ are scalars beside the towers: ``log_tau_ct`` (L_ct, paper: learnable, init 1) a
 The loss function is ``loss_fn(params, frozen, classes, batch, step) -> (L, {term: value})``.
 ``classes`` is what the objective knows of the classes: the normalised class text embeddings
 [M, D] of the frozen text tower, or for ``clip`` the class captions' token ids [M, K, L]
-(K caption templates; each example's template is drawn from (seed, step, row)).
+(K caption templates; each example's template is drawn from (seed, step, row)). A model with
+hybrid text prompts (``model.text_prompts``, eventbind objective only) trains its prompt
+learner ``text_prompts`` beside the event tower; its ``classes`` are the class prompts' token
+ids and context positions (prompts.prompt_inputs) and the class text is computed in the step.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from evclip_jax import losses
+from evclip_jax import losses, prompts
 from evclip_jax.embed import embed_text, embed_vision, l2_normalize
 
 TOWERS = ("image_tower", "event_tower", "text_tower")
@@ -63,10 +66,16 @@ def get(name: str, field: str = "config.objective") -> Objective:
 
 
 def initial_trainable(objective: Objective, params: dict, loss_cfg) -> dict:
-    """The trainable params of ``objective`` from model params and the loss config's inits."""
+    """The trainable params of ``objective`` from model params and the loss config's inits
+    (and the prompt learner of a model with hybrid prompts)."""
     inits = {"log_tau_ct": math.log(loss_cfg.tau_ct_init),
              "logit_scale": loss_cfg.logit_scale_init}
     out = {name: params[name] for name in objective.trainable}
+    if "text_prompts" in params:
+        if objective.name != "eventbind":
+            raise ValueError(f"config.model.text_prompts='hybrid' trains through HTCA; "
+                             f"config.objective={objective.name!r} expected 'eventbind'")
+        out["text_prompts"] = params["text_prompts"]
     out.update({name: jnp.asarray(inits[name], jnp.float32) for name in objective.scalars})
     return out
 
@@ -88,12 +97,12 @@ def check_loss_config(objective: Objective, loss_cfg) -> None:
 
 def make_loss_fn(objective: Objective, towers, loss_cfg, seed: int = 0):
     """The loss of ``objective`` over the global batch (see the module docstring)."""
-    vision, text = towers.vision, towers.text
+    vision, event, text = towers.vision, towers.event, towers.text
     lc = loss_cfg
 
     def event_and_image(params, frozen, batch):
         """Unnormalised event and image embeddings; the image side is a frozen teacher."""
-        e_raw = embed_vision(vision, params["event_tower"], batch["events"])
+        e_raw = embed_vision(event, params["event_tower"], batch["events"])
         if "teacher_emb" in batch:
             v_raw = batch["teacher_emb"].astype(jnp.float32)
         else:
@@ -130,12 +139,22 @@ def make_loss_fn(objective: Objective, towers, loss_cfg, seed: int = 0):
 
     def eventbind(params, frozen, classes, batch, step):
         e_raw, v_raw = event_and_image(params, frozen, batch)
-        return {"loss_htca": (1.0, losses.loss_htca(
-            l2_normalize(e_raw), l2_normalize(v_raw), jax.lax.stop_gradient(classes),
-            batch["labels"], params["logit_scale"]))}
+        e, v, s = l2_normalize(e_raw), l2_normalize(v_raw), params["logit_scale"]
+        if "text_prompts" not in params:
+            return {"loss_htca": (1.0, losses.loss_htca(
+                e, v, jax.lax.stop_gradient(classes), batch["labels"], s))}
+        # Hybrid prompts: every event has its own class texts [M, D] (content prompts from its
+        # embedding). L_ei is taken once over the batch; loss_htca of each single pair then
+        # adds its L_et + L_it (with one pair its event-image term is exactly 0). The image is
+        # scored against the event's texts, the frozen teacher side of L_it.
+        t = prompts.class_text(towers, params["text_prompts"], frozen["text_tower"],
+                               classes["ids"], classes["context"], e)
+        per_pair = jax.vmap(lambda e1, v1, t1, y1: losses.loss_htca(
+            e1[None], v1[None], t1, y1[None], s))(e, v, t, batch["labels"])
+        return {"loss_htca": (1.0, losses.loss_clip(e, v, s) + jnp.mean(per_pair))}
 
     def finetune(params, frozen, classes, batch, step):
-        e = l2_normalize(embed_vision(vision, params["event_tower"], batch["events"]))
+        e = l2_normalize(embed_vision(event, params["event_tower"], batch["events"]))
         return {"loss_pred": (1.0, losses.loss_pred(
             e, jax.lax.stop_gradient(classes), batch["labels"], params["logit_scale"],
             form=lc.pred_form))}

@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh
 
 from evclip_jax import objectives, sharding
-from evclip_jax.models.clip import Towers
+from evclip_jax.models.towers import Towers
 
 
 @flax.struct.dataclass
@@ -122,13 +122,13 @@ def _shardings_of(tree):
     return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def jit_train_step(train_step, state: TrainState, frozen: dict, classes: jax.Array, mesh: Mesh):
+def jit_train_step(train_step, state: TrainState, frozen: dict, classes, mesh: Mesh):
     """jit with the state's, frozen towers' and classes' shardings (batches arrive sharded by
     the pipeline); the state is donated."""
     state_sh = _shardings_of(state)
     return jax.jit(
         train_step,
-        in_shardings=(state_sh, _shardings_of(frozen), classes.sharding, None),
+        in_shardings=(state_sh, _shardings_of(frozen), _shardings_of(classes), None),
         out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
@@ -160,7 +160,8 @@ def setup(config, towers: Towers, params: dict, classes, mesh: Mesh, *, total_st
         trainable = place_params(objectives.initial_trainable(objective, params, config.loss),
                                  towers, mesh, rules)
         state = init_state(trainable, tx)
-    classes = jax.device_put(np.asarray(jax.device_get(classes)), sharding.replicated(mesh))
+    classes = jax.tree.map(lambda x: jax.device_put(np.asarray(jax.device_get(x)),
+                                                    sharding.replicated(mesh)), classes)
     train_step = make_train_step(objective, towers, config.loss, tx, schedule, config.seed)
     step_fn = jit_train_step(train_step, state, frozen, classes, mesh)
     return Setup(state, frozen, classes, step_fn)

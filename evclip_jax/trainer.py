@@ -15,6 +15,7 @@ built and benchmarked where TensorFlow is not installed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from evclip_jax import (
     convert,
     embed,
     objectives,
+    prompts,
     run_guard,
     sharding,
     step,
@@ -79,17 +81,29 @@ def check_config(config) -> None:
 
 
 def model_config(config) -> CLIPConfig:
-    """The CLIP architecture: from model.checkpoint when given, else from config.model."""
+    """The model: the CLIP architecture from model.checkpoint when given, else from
+    config.model, with config.model's event encoder and text prompts (CLIPConfig's
+    additions)."""
     m = config.model
+    eventbind = m.event_encoder == "eventbind"
+    additions = {"event_encoder": m.event_encoder, "text_prompts": m.text_prompts,
+                 "num_frames": config.data.num_frames if eventbind else 1,
+                 "event_prompts": m.event_prompts if eventbind else 0}
     if m.checkpoint:
-        return checkpoints.load_model_config(m.checkpoint, "config.model.checkpoint",
-                                             options_from_config(m.checkpoint_file))
+        stored = checkpoints.load_model_config(m.checkpoint, "config.model.checkpoint",
+                                               options_from_config(m.checkpoint_file))
+        wanted = dataclasses.replace(stored, **additions)
+        if stored.additions() and stored != wanted:
+            raise ValueError(f"config.model.checkpoint: {m.checkpoint} holds a model with "
+                             f"{stored.additions()}; config.model and data.num_frames ask for "
+                             f"{wanted.additions() or 'the paper model'}")
+        return wanted
     if not m.allow_random_init:
         raise ValueError("config.model.checkpoint: empty; give an HF CLIP dir, an evclip "
                          "checkpoint dir or a training workdir (or set model.allow_random_init "
                          "for a random CLIP built from model.vision and model.text)")
     return CLIPConfig(vision=TowerConfig(**m.vision), text=TowerConfig(**m.text),
-                      projection_dim=m.vision.projection_dim)
+                      projection_dim=m.vision.projection_dim, **additions)
 
 
 def write_init_dir(config, workdir: Path, towers) -> Path:
@@ -100,6 +114,8 @@ def write_init_dir(config, workdir: Path, towers) -> Path:
             _, params, tok_dir = checkpoints.load_model(
                 config.model.checkpoint, "config.model.checkpoint",
                 options=options_from_config(config.model.checkpoint_file))
+            # A CLIP's event tower becomes the temporal encoder, prompts are added (Towers).
+            params = towers.complete(params, jax.random.key(config.seed))
         else:
             params, tok_dir = jax.device_get(towers.init(jax.random.key(config.seed))), None
         convert.save_evclip(params, towers.config, init_dir, tokenizer_dir=tok_dir)
@@ -110,10 +126,16 @@ def write_init_dir(config, workdir: Path, towers) -> Path:
     return init_dir
 
 
-def class_inputs(config, objective, towers, params: dict, tokenizer, class_names) -> np.ndarray:
+def class_inputs(config, objective, towers, params: dict, tokenizer, class_names
+                  ) -> np.ndarray | dict[str, np.ndarray]:
     """What the objective knows of the classes: normalised class text embeddings [M, D] of the
-    frozen text tower, or (clip objective) caption token ids [M, K, L] of K templates."""
+    frozen text tower, or (clip objective) caption token ids [M, K, L] of K templates, or
+    (hybrid prompts) the class prompts' token ids and context positions [M, L]."""
     text_cfg, where = towers.config.text, config.model.checkpoint or "the random model"
+    if towers.prompts is not None:
+        ids, context = prompts.prompt_inputs(config.data.prompt, class_names, text_cfg,
+                                             tokenizer, where)
+        return {"ids": ids, "context": context}
     if objective.uses_class_text:
         ids = text.token_ids(text.class_prompts(config.data.prompt, class_names), text_cfg,
                              tokenizer, where)

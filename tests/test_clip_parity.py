@@ -25,7 +25,8 @@ from hf_fixtures import (
 )
 
 from evclip_jax import EventCLIP, convert
-from evclip_jax.models.clip import CLIPConfig, Towers
+from evclip_jax.models.clip import CLIPConfig
+from evclip_jax.models.towers import Towers
 
 TINY_RTOL = 1e-5
 # One batch size for every vision input, so each case compiles the vision tower once.

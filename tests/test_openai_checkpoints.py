@@ -24,7 +24,7 @@ from openai_fixtures import build_open_clip, image_features, open_clip, text_fea
 from evclip_jax import EventCLIP, checkpoint_files, convert, openai_clip, text, trainer
 from evclip_jax.checkpoint_files import FileOptions
 from evclip_jax.config_base import base_config
-from evclip_jax.models.clip import Towers
+from evclip_jax.models.towers import Towers
 
 REPO = Path(__file__).resolve().parents[1]
 RTOL = 1e-5

@@ -96,7 +96,7 @@ def make_finetune_fn(config, towers, init_params: Mapping[str, Any],
         if metrics is not None:
             logging.info("few-shot fine-tune (%d-shot, seed %d): L_pred %.4f after %d steps",
                          shots, seed, float(metrics["loss"]), steps)
-        return functools.partial(_predict, towers.vision, state.params, text)
+        return functools.partial(_predict, towers.event, state.params, text)
 
     return finetune_fn
 

@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from evclip_jax import adapter as adapter_lib
-from evclip_jax import checkpoints, embed, sharding, step, text
+from evclip_jax import checkpoints, embed, prompts, sharding, step, text
 from evclip_jax.checkpoint_files import options_from_config
 from evclip_jax.data import records
 from evclip_jax.evaluate.anomaly import evaluate_anomaly
@@ -131,6 +131,10 @@ class _Context:
     class_names: list[str]
     mesh: Mesh
     adapter: adapter_lib.Adapter | None = None  # into the space of config.eval.modalities
+    # Hybrid prompts: unit query embeddings [Q, D] -> their class texts [Q, M, D] (each with
+    # its content prompts), which zero-shot ranks against; class_text_emb is then the
+    # learned context alone (retrieval, fine-tuning, modalities).
+    query_text: Any = None
 
 
 @functools.cache
@@ -156,13 +160,15 @@ def _evaluate_splits(ctx: _Context, data_dir, image_size: int
                                   or knn_k > 0)
 
     query = config.eval.query  # "events": the event tower; "images": the image tower
+    tower_of = {"events": ctx.towers.event, "images": ctx.towers.vision}
     if set(ctx.evals) & {"zeroshot", "retrieval", "fewshot", "modalities"}:
-        embed_fn = _embed_fn(ctx.towers.vision)
         fns, params = {}, {}
         if query == "events":
-            fns["events"], params["events"] = embed_fn, ctx.params["event_tower"]
+            fns["events"], params["events"] = (_embed_fn(tower_of["events"]),
+                                               ctx.params["event_tower"])
         if need_images or query == "images":
-            fns["images"], params["images"] = embed_fn, ctx.params["image_tower"]
+            fns["images"], params["images"] = (_embed_fn(tower_of["images"]),
+                                               ctx.params["image_tower"])
         emb, labels = embed_batches(fns, eval_split(), ctx.mesh, params=params)
         event_emb = emb[query]
     else:  # fewshot_finetune alone runs its own towers; it needs the labels only
@@ -186,8 +192,9 @@ def _evaluate_splits(ctx: _Context, data_dir, image_size: int
     plots: PlotsData = {}
     names = np.asarray(ctx.class_names, dtype=object)
     if "zeroshot" in ctx.evals:
-        values, details = zeroshot_metrics(query_emb, labels, text_emb, eval_classes, rank_against,
-                                           ZEROSHOT_KS, return_details=True)
+        query_text = text_emb if ctx.query_text is None else ctx.query_text(query_emb)
+        values, details = zeroshot_metrics(query_emb, labels, query_text, eval_classes,
+                                           rank_against, ZEROSHOT_KS, return_details=True)
         metrics.update({f"zeroshot/{k}": float(v) for k, v in values.items()})
         rows = list(names[details["class_ids"]])
         plots.setdefault("per_class_accuracy", {})["zeroshot"] = {
@@ -226,7 +233,7 @@ def _evaluate_splits(ctx: _Context, data_dir, image_size: int
             support_emb, support_labels = event_emb, labels
         elif "fewshot" in ctx.evals:
             support_emb, support_labels = embed_dataset(
-                _embed_fn(ctx.towers.vision), support_split(), ctx.mesh, input_key=query,
+                _embed_fn(tower_of[query]), support_split(), ctx.mesh, input_key=query,
                 params=ctx.params[f"{query[:-1]}_tower"])
         else:
             support_emb, support_labels = None, collect_labels(support_split())
@@ -274,6 +281,24 @@ def _prompt_embeddings(towers, text_params, tokenizer, prompts: Sequence[str], w
     return np.asarray(embed.class_text_embeddings(towers.text, text_params, ids))
 
 
+def _learned_prompts(config, towers, prompt_params, text_params, tokenizer,
+                     class_names: Sequence[str], where: str):
+    """Hybrid prompts: the class texts [M, D] of the learned context alone, and the function
+    of unit query embeddings [Q, D] that gives each its class texts [Q, M, D]."""
+    ids, context = prompts.prompt_inputs(config.data.prompt, class_names, towers.config.text,
+                                         tokenizer, where)
+    context_only = np.asarray(jax.device_get(jax.jit(
+        lambda p, t: prompts.class_text(towers, p, t, ids, context))(prompt_params,
+                                                                     text_params)))
+
+    def query_text(queries: np.ndarray) -> np.ndarray:
+        return prompts.per_query_class_text(
+            towers, prompt_params, text_params, ids, context,
+            embed.l2_normalize_f64(queries).astype(np.float32), int(config.eval.batch_size))
+
+    return context_only, query_text
+
+
 def _anomaly_on_splits(config, towers, event_params, normal: np.ndarray, abnormal: np.ndarray,
                        logit_scale: float, data_dir, mesh: Mesh
                        ) -> tuple[dict[str, float], dict[str, dict]]:
@@ -290,7 +315,7 @@ def _anomaly_on_splits(config, towers, event_params, normal: np.ndarray, abnorma
                 "tools/video_to_events.py --format tfrecords writes")
         split = _open_split(config, data_dir, name, mesh, manifest["class_names"],
                             towers.config.vision.image_size)
-        values, details = evaluate_anomaly(_embed_fn(towers.vision), split(), normal, abnormal,
+        values, details = evaluate_anomaly(_embed_fn(towers.event), split(), normal, abnormal,
                                            logit_scale, mesh, return_details=True,
                                            params=event_params)
         metrics.update({f"anomaly/{name}/{k}": float(v) for k, v in values.items()})
@@ -329,11 +354,16 @@ def run_evaluators(config, towers, params: Mapping[str, Any], tokenizer, data_di
                 continue
             split = view_config.data.eval_split
             class_names = records.read_manifest(data_dir, split)["class_names"]
-            text_emb = _prompt_embeddings(towers, placed["text_tower"], tokenizer,
-                                          text.class_prompts(config.data.prompt, class_names),
-                                          where)
+            if "text_prompts" in params:  # hybrid prompts, as trained
+                text_emb, query_text = _learned_prompts(
+                    config, towers, params["text_prompts"], placed["text_tower"], tokenizer,
+                    class_names, where)
+            else:
+                text_emb, query_text = _prompt_embeddings(
+                    towers, placed["text_tower"], tokenizer,
+                    text.class_prompts(config.data.prompt, class_names), where), None
             ctx = _Context(view_config, view_evals, towers, placed, logit_scale, text_emb,
-                           list(class_names), mesh, adapter)
+                           list(class_names), mesh, adapter, query_text)
             values, view_plots = _evaluate_splits(ctx, data_dir,
                                                   towers.config.vision.image_size)
             prefix = f"{name}/" if name else ""

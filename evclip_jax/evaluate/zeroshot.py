@@ -91,7 +91,9 @@ def zeroshot_metrics(
     ks: Sequence[int] = (1, 5),
     return_details: bool = False,
 ) -> dict[str, float] | tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Top-k zero-shot accuracy of embeddings against class text embeddings [M, D].
+    """Top-k zero-shot accuracy of embeddings against class text embeddings [M, D], or
+    against each sample's own class texts [n, M, D] (hybrid prompts, whose content prompts
+    come from the sample's embedding; prompts.per_query_class_text).
 
     `eval_classes`: keep only samples of these class ids (default: all samples).
     `rank_against`: "all" ranks against all M prompts (release), "heldout" only against the
@@ -101,9 +103,17 @@ def zeroshot_metrics(
     columns: predicted), "labels", "predictions".
     """
     event_emb = check_embeddings("event_emb", event_emb)
-    class_text_emb = check_embeddings("class_text_emb", class_text_emb, event_emb.shape[1])
+    per_sample = np.ndim(class_text_emb) == 3
+    if per_sample:
+        class_text_emb = np.asarray(class_text_emb)
+        n, dim = event_emb.shape
+        if class_text_emb.shape[::2] != (n, dim) or not np.all(np.isfinite(class_text_emb)):
+            raise ValueError(f"class_text_emb: expected finite per-sample class texts [{n}, M, "
+                             f"{dim}], got shape {class_text_emb.shape}")
+    else:
+        class_text_emb = check_embeddings("class_text_emb", class_text_emb, event_emb.shape[1])
     labels = check_labels("labels", labels, event_emb.shape[0])
-    num_classes = class_text_emb.shape[0]
+    num_classes = class_text_emb.shape[-2]
     if eval_classes is None:
         if rank_against == "heldout":
             raise ValueError("rank_against='heldout' needs eval_classes (the held-out ids)")
@@ -114,6 +124,8 @@ def zeroshot_metrics(
             raise ValueError("eval_classes is empty")
         keep = np.isin(labels, eval_ids)
         event_emb, labels = event_emb[keep], labels[keep]
+        if per_sample:
+            class_text_emb = class_text_emb[keep]
     if labels.size == 0:
         raise ValueError(f"zeroshot: no samples with a label in eval_classes {eval_ids}")
     if eval_ids.min() < 0 or eval_ids.max() >= num_classes:
@@ -126,7 +138,11 @@ def zeroshot_metrics(
         candidates = eval_ids
     else:
         raise ValueError(f"rank_against: expected 'all' or 'heldout', got {rank_against!r}")
-    sims = l2_normalize(event_emb) @ l2_normalize(class_text_emb[candidates]).T
+    if per_sample:
+        sims = np.einsum("nd,ncd->nc", l2_normalize(event_emb),
+                         l2_normalize(class_text_emb[:, candidates]))
+    else:
+        sims = l2_normalize(event_emb) @ l2_normalize(class_text_emb[candidates]).T
     metrics = top_k_accuracy(sims, labels, ks, candidates)
     metrics["num_samples"] = float(labels.size)
     if not return_details:

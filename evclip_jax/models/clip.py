@@ -77,12 +77,44 @@ class TowerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
-    """Both towers of a CLIP model plus the initial logit scale."""
+    """Both towers of a CLIP model plus the initial logit scale, and what an event CLIP adds.
+
+    The additions have no field in HF's CLIPModel; the defaults are the paper's model:
+    ``event_encoder`` "vit" (the image tower's architecture) or "eventbind" (E-CLIP/EventBind's
+    temporal encoder over ``num_frames`` frames with ``event_prompts`` prompt tokens per block,
+    models/eventbind.py); ``text_prompts`` "handcrafted" (the class prompts as written) or
+    "hybrid" (EventBind's learned context and content prompts, models/eventbind.py).
+    """
 
     vision: TowerConfig
     text: TowerConfig
     projection_dim: int
     logit_scale_init_value: float = 2.6592
+    event_encoder: str = "vit"
+    num_frames: int = 1
+    event_prompts: int = 0
+    text_prompts: str = "handcrafted"
+
+    def __post_init__(self):
+        if self.event_encoder not in EVENT_ENCODERS:
+            raise ValueError(f"event_encoder={self.event_encoder!r}: expected one of "
+                             f"{EVENT_ENCODERS}")
+        if self.text_prompts not in TEXT_PROMPTS:
+            raise ValueError(f"text_prompts={self.text_prompts!r}: expected one of "
+                             f"{TEXT_PROMPTS}")
+        if self.num_frames < 1 or self.event_prompts < 0:
+            raise ValueError(f"num_frames={self.num_frames}, event_prompts="
+                             f"{self.event_prompts}: expected >= 1 and >= 0")
+
+    @property
+    def has_hf_twin(self) -> bool:
+        """Whether transformers has a model of this architecture (the additions at defaults)."""
+        return self.additions() == {}
+
+    def additions(self) -> dict:
+        """The event-CLIP fields that differ from their defaults (evclip.json stores them)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name in _ADDITIONS and getattr(self, f.name) != f.default}
 
     @classmethod
     def from_hf_dict(cls, config: dict) -> CLIPConfig:
@@ -97,15 +129,22 @@ class CLIPConfig:
             values["projection_dim"] = hf.projection_dim
             return TowerConfig(**values)
 
+        additions = config.get(ADDITIONS_KEY) or {}
+        unknown = sorted(set(additions) - set(_ADDITIONS))
+        if unknown:
+            raise ValueError(f"{ADDITIONS_KEY}: unknown field(s) {unknown}; expected some of "
+                             f"{list(_ADDITIONS)}")
         return cls(
             vision=tower(hf.vision_config),
             text=tower(hf.text_config),
             projection_dim=hf.projection_dim,
             logit_scale_init_value=hf.logit_scale_init_value,
+            **additions,
         )
 
     def to_hf_dict(self) -> dict:
-        """The HF ``CLIPConfig`` dict for this model (what ``config.json`` holds)."""
+        """The HF ``CLIPConfig`` dict for this model (what ``config.json`` holds); the event-CLIP
+        additions that differ from their defaults go under ``ADDITIONS_KEY``."""
         import transformers
 
         vision_keys = ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -124,7 +163,17 @@ class CLIPConfig:
             projection_dim=self.projection_dim,
             logit_scale_init_value=self.logit_scale_init_value,
         )
-        return hf.to_dict()
+        out = hf.to_dict()
+        if self.additions():
+            out[ADDITIONS_KEY] = self.additions()
+        return out
+
+
+EVENT_ENCODERS = ("vit", "eventbind")
+TEXT_PROMPTS = ("handcrafted", "hybrid")
+_ADDITIONS = ("event_encoder", "num_frames", "event_prompts", "text_prompts")
+# The key of the HF config dict under which CLIPConfig.to_hf_dict stores the additions.
+ADDITIONS_KEY = "evclip_additions"
 
 
 # Random init (demo and tests; converted checkpoints replace it): fan-in scaled kernels, so a
@@ -158,7 +207,14 @@ def _layer_norm(cfg: TowerConfig, dtype: Dtype, name: str) -> nn.LayerNorm:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through ``jax.nn.dot_product_attention``."""
+    """Multi-head self-attention through ``jax.nn.dot_product_attention``.
+
+    With ``prompts`` [B, P, width] (already layer-normed), the queries also attend to the
+    prompt tokens, through the same key and value projections, in a softmax of their own whose
+    output is scaled per head by ``prompt_gate`` [heads] and added (LLaMA-Adapter's zero-init
+    attention): a zero gate leaves the output exactly that of the plain attention. The prompt
+    tokens themselves produce no output (the temporal event encoder, models/eventbind.py).
+    """
 
     cfg: TowerConfig
     dtype: Dtype
@@ -166,21 +222,27 @@ class Attention(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, lengths=None):
+    def __call__(self, x, lengths=None, prompts=None, prompt_gate=None):
         cfg = self.cfg
         heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
         b, t, _ = x.shape
+        proj = {name: _dense(cfg.hidden_size, ("embed", "heads"), self.dtype, name=name)
+                for name in ("q_proj", "k_proj", "v_proj")}
 
-        def project(name):
-            y = _dense(cfg.hidden_size, ("embed", "heads"), self.dtype, name=name)(x)
-            return y.reshape(b, t, heads, head_dim)
+        def project(name, tokens):
+            return proj[name](tokens).reshape(*tokens.shape[:2], heads, head_dim)
 
-        q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
+        q, k, v = project("q_proj", x), project("k_proj", x), project("v_proj", x)
         # Scaling by head_dim**-0.5 is the default of dot_product_attention, as in HF.
         y = jax.nn.dot_product_attention(
             q, k, v, is_causal=self.causal, query_seq_lengths=lengths,
             key_value_seq_lengths=lengths, implementation=self.attention_impl
         )
+        if prompts is not None:
+            y_prompts = jax.nn.dot_product_attention(
+                q, project("k_proj", prompts), project("v_proj", prompts),
+                implementation=self.attention_impl)
+            y = y + prompt_gate.astype(y.dtype)[:, None] * y_prompts
         y = y.reshape(b, t, cfg.hidden_size)
         return _dense(cfg.hidden_size, ("heads", "embed"), self.dtype, name="out_proj")(y)
 
@@ -206,10 +268,11 @@ class EncoderLayer(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, lengths=None):
-        h = _layer_norm(self.cfg, self.dtype, "layer_norm1")(x)
+    def __call__(self, x, lengths=None, prompts=None, prompt_gate=None):
+        layer_norm1 = _layer_norm(self.cfg, self.dtype, "layer_norm1")
+        prompts = None if prompts is None else layer_norm1(prompts)  # see Attention
         x = x + Attention(self.cfg, self.dtype, self.causal, self.attention_impl,
-                          name="self_attn")(h, lengths)
+                          name="self_attn")(layer_norm1(x), lengths, prompts, prompt_gate)
         h = _layer_norm(self.cfg, self.dtype, "layer_norm2")(x)
         x = x + MLP(self.cfg, self.dtype, name="mlp")(h)
         return nn.with_logical_constraint(x, ACTIVATION_AXES)
@@ -329,7 +392,7 @@ class TextTransformer(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, input_ids):
+    def __call__(self, input_ids, token_offsets=None):
         cfg = self.cfg
         length = input_ids.shape[1]
         if length > cfg.max_position_embeddings:
@@ -337,7 +400,7 @@ class TextTransformer(nn.Module):
                 f"input_ids has length {length}; the text tower takes at most "
                 f"max_position_embeddings={cfg.max_position_embeddings} tokens"
             )
-        x = TextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids)
+        x = TextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids, token_offsets)
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         x = Encoder(cfg, self.dtype, True, self.attention_impl, self.remat, name="encoder")(x)
         x = _layer_norm(cfg, self.dtype, "final_layer_norm")(x)
@@ -351,13 +414,14 @@ class TextTransformer(nn.Module):
 
 
 class TextEmbeddings(nn.Module):
-    """Token plus position embedding (HF ``CLIPTextEmbeddings``)."""
+    """Token plus position embedding (HF ``CLIPTextEmbeddings``). ``token_offsets`` [B, L,
+    width] are added to the token embeddings: learned prompts (evclip_jax/prompts.py)."""
 
     cfg: TowerConfig
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, input_ids):
+    def __call__(self, input_ids, token_offsets=None):
         cfg = self.cfg
         tok = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
@@ -373,7 +437,10 @@ class TextEmbeddings(nn.Module):
             name="position_embedding",
         )
         length = input_ids.shape[1]
-        return tok(input_ids) + pos.embedding[None, :length].astype(self.dtype)
+        tokens = tok(input_ids)
+        if token_offsets is not None:
+            tokens = tokens + token_offsets.astype(self.dtype)
+        return tokens + pos.embedding[None, :length].astype(self.dtype)
 
 
 class VisionTower(nn.Module):
@@ -400,7 +467,8 @@ class TextTower(nn.Module):
     """Text tower: text transformer plus ``text_projection``.
 
     The parameter tree equals HF ``CLIPTextModelWithProjection``'s state dict.
-    Input: int [B, L] token ids. Output: [B, projection_dim], unnormalised.
+    Input: int [B, L] token ids (and optional float [B, L, width] offsets of their token
+    embeddings). Output: [B, projection_dim], unnormalised.
     """
 
     cfg: TowerConfig
@@ -409,60 +477,8 @@ class TextTower(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, input_ids):
+    def __call__(self, input_ids, token_offsets=None):
         pooled = TextTransformer(self.cfg, self.dtype, self.attention_impl, self.remat,
-                                 name="text_model")(input_ids)
+                                 name="text_model")(input_ids, token_offsets)
         return _dense(self.cfg.projection_dim, ("embed", "proj"), self.dtype, use_bias=False,
                       name="text_projection")(pooled)
-
-
-@dataclasses.dataclass(frozen=True)
-class Towers:
-    """The three Flax modules of an event CLIP; the event tower shares the image tower's class."""
-
-    config: CLIPConfig
-    dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
-    remat: str = "none"
-
-    @property
-    def vision(self) -> VisionTower:
-        return VisionTower(self.config.vision, self.dtype, self.attention_impl, self.remat)
-
-    @property
-    def text(self) -> TextTower:
-        return TextTower(self.config.text, self.dtype, self.attention_impl, self.remat)
-
-    def dummy_inputs(self):
-        v, t = self.config.vision, self.config.text
-        return (jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32),
-                jnp.zeros((1, t.max_position_embeddings), jnp.int32))
-
-    def init(self, rng: jax.Array, boxed: bool = False) -> dict:
-        """Random params {image_tower, event_tower, text_tower, logit_scale}.
-
-        The event tower is a copy of the image tower, as in the method. With ``boxed`` the leaves
-        stay ``nn.LogicallyPartitioned`` so their logical axes can be read.
-        """
-        images, ids = self.dummy_inputs()
-        k_img, k_txt = jax.random.split(rng)
-        image = self.vision.init(k_img, images)["params"]
-        text = self.text.init(k_txt, ids)["params"]
-        if not boxed:
-            image, text = nn.unbox(image), nn.unbox(text)
-        return {
-            "image_tower": image,
-            # Copies, not the same arrays: the train step donates the event tower.
-            "event_tower": jax.tree.map(jnp.copy, image),
-            "text_tower": text,
-            "logit_scale": jnp.asarray(self.config.logit_scale_init_value, jnp.float32),
-        }
-
-    def abstract_params(self) -> dict:
-        """Shapes and dtypes of ``init``'s params, without allocating them."""
-        return jax.eval_shape(self.init, jax.random.key(0))
-
-    def logical_axes(self) -> dict:
-        """Logical axis names of each param leaf (a PartitionSpec of names per leaf)."""
-        boxed = jax.eval_shape(lambda: self.init(jax.random.key(0), boxed=True))
-        return nn.get_partition_spec(boxed)
