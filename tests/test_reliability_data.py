@@ -228,3 +228,29 @@ def test_stuck_input_is_bounded_and_interruptible():
         assert time.monotonic() - start < 3
     finally:
         release.set()
+
+
+def test_build_tool_failure_is_one_message_and_keeps_the_records(tmp_path, items, load_tool):
+    from absl import flags
+
+    tool = load_tool("build_tfrecords")
+    rows = [f"{item.event_path},{item.image_path},{item.label}" for item in items]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    args = ["build_tfrecords", "--layout=list", f"--list_file={tmp_path / 'list.csv'}",
+            f"--out_dir={out}", "--split=train", f"--out_size={S}",
+            f"--sensor_size={SENSOR[0]},{SENSOR[1]}", "--num_shards=2"]
+    try:
+        flags.FLAGS(args)
+        tool.main([])
+        before = _snapshot(out)
+        rows[5] = f"{tmp_path / 'gone.npz'},{items[5].image_path},1"
+        (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+        flags.FLAGS(args + ["--seed=1"])
+        with pytest.raises(SystemExit) as err:
+            tool.main([])
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert str(tmp_path / "gone.npz") in str(err.value.code)
+    assert "are as they were before this build" in str(err.value.code)
+    assert _snapshot(out) == before

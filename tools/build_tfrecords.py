@@ -23,6 +23,7 @@ per-file max coordinate + 1 / 34x34. --representation picks what the records sto
 
 from __future__ import annotations
 
+import sys
 import time
 
 from absl import app, flags
@@ -116,11 +117,15 @@ def main(argv: list[str]) -> None:
           f"{_REPRESENTATION.value} window_k={window_k} clamp={clamp} "
           f"sensor_size={sensor or 'per-file max + 1'} out_size={_OUT_SIZE.value}")
     start = time.perf_counter()
-    manifest = records.write_tfrecords(
-        items, _OUT_DIR.value, class_names=class_names, out_size=_OUT_SIZE.value,
-        sensor_size=sensor, clamp=clamp, window_k=window_k, num_shards=_NUM_SHARDS.value,
-        split=_SPLIT.value, seed=_SEED.value, representation=_REPRESENTATION.value,
-        num_frames=_NUM_FRAMES.value, progress=True)
+    try:
+        manifest = records.write_tfrecords(
+            items, _OUT_DIR.value, class_names=class_names, out_size=_OUT_SIZE.value,
+            sensor_size=sensor, clamp=clamp, window_k=window_k, num_shards=_NUM_SHARDS.value,
+            split=_SPLIT.value, seed=_SEED.value, representation=_REPRESENTATION.value,
+            num_frames=_NUM_FRAMES.value, progress=True)
+    except ValueError as e:  # a bad item or setting, named; nothing was published
+        sys.exit(f"error: {e}\nThe records of split {_SPLIT.value!r} in {_OUT_DIR.value} are as "
+                 "they were before this build (shards are published with their manifest, last).")
     seconds = time.perf_counter() - start
     present = sum(1 for c in manifest["class_counts"] if c)
     print(f"wrote {manifest['num_examples']} records ({present} classes) in "
