@@ -81,9 +81,9 @@ def slurm_first_host(nodelist: str) -> str:
     return match.group(1) + (match.group(2) or "")
 
 
-def slurm_port(job_id: str) -> int:
+def slurm_port(job_id: int) -> int:
     """The coordinator port of a SLURM job: JAX's own choice, in 61440..65535 by job id."""
-    return int(job_id) % 4096 + 61440
+    return job_id % 4096 + 61440
 
 
 def resolve(settings, env: Mapping[str, str]) -> Cluster | None:
@@ -113,7 +113,7 @@ def resolve(settings, env: Mapping[str, str]) -> Cluster | None:
     if "SLURM_STEP_NODELIST" in env and "SLURM_PROCID" in env:  # inside an srun step
         detected_by = "SLURM"
         host = slurm_first_host(env["SLURM_STEP_NODELIST"])
-        take("coordinator_address", f"{host}:{slurm_port(env['SLURM_JOB_ID'])}",
+        take("coordinator_address", f"{host}:{slurm_port(_env_int(env, 'SLURM_JOB_ID'))}",
              "SLURM_STEP_NODELIST and SLURM_JOB_ID")
         take("num_processes", _env_int(env, "SLURM_NTASKS"), "SLURM_NTASKS")
         take("process_id", _env_int(env, "SLURM_PROCID"), "SLURM_PROCID")

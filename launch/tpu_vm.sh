@@ -56,7 +56,7 @@ tpu scp "$archive" "$NAME:evclip_jax.tgz" --worker=all
 rm -f "$archive"
 
 setup="set -e; mkdir -p ~/evclip_jax; tar -xzf ~/evclip_jax.tgz -C ~/evclip_jax"
-setup+="; pip install -q -e ~/evclip_jax 'jax[tpu]>=0.6,<0.12'"
+setup+="; python3 -m pip install -q -e ~/evclip_jax 'jax[tpu]>=0.6,<0.12'"
 setup+="; if ! command -v gcsfuse >/dev/null; then"
 setup+=" curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg"
 setup+=" | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null"
