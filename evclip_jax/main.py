@@ -68,8 +68,9 @@ def _quiet_closed_loop_callbacks() -> None:
 
 
 def _config_file() -> str:
-    """The --config file, checked to exist before anything reads the config."""
-    path = config_flags.get_config_filename(FLAGS["config"])
+    """The --config file, checked to exist before anything reads the config (without the
+    ``:arg`` of ``--config configs/demo.py:arg``)."""
+    path = config_flags.get_config_filename(FLAGS["config"]).split(":", 1)[0]
     if not os.path.isfile(path):
         raise app.UsageError(f"--config: {path} does not exist; expected an experiment config "
                              "file such as configs/demo.py")
