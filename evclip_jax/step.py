@@ -73,7 +73,7 @@ def make_train_step(objective: objectives.Objective, towers: Towers, loss_cfg, t
     """
     loss_fn = objectives.make_loss_fn(objective, towers, loss_cfg, seed)
 
-    def train_step(state: TrainState, frozen: dict, classes: jax.Array, batch: dict):
+    def train_step(state: TrainState, frozen: dict, classes, batch: dict):
         batch = {k: v for k, v in batch.items() if k != "mask"}
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, frozen, classes, batch, state.step)
@@ -140,7 +140,7 @@ class Setup:
 
     state: TrainState
     frozen: dict
-    classes: jax.Array
+    classes: Any  # an array, or (hybrid prompts) a dict of arrays: objectives.make_loss_fn
     step_fn: Any  # jitted (state, frozen, classes, batch) -> (state, metrics)
 
 

@@ -376,6 +376,11 @@ def run_evaluators(config, towers, params: Mapping[str, Any], tokenizer, data_di
                 _prompt_embeddings(towers, placed["text_tower"], tokenizer, list(prompts), where)
                 for prompts in (config.eval.normal_prompts, config.eval.abnormal_prompts))
             if list(config.eval.anomaly_videos):
+                if towers.config.event_encoder != "vit":
+                    raise ValueError(
+                        "config.eval.anomaly_videos: Eq. 1 frames, which the temporal event "
+                        "encoder does not take; give its videos as eventbind records "
+                        "(config.eval.anomaly_splits)")
                 values, roc = evaluate_video_anomaly(
                     towers, placed["event_tower"], normal, abnormal, logit_scale,
                     list(config.eval.anomaly_videos), batch_size=int(config.eval.batch_size),
