@@ -106,11 +106,6 @@ class CLIPConfig:
             raise ValueError(f"num_frames={self.num_frames}, event_prompts="
                              f"{self.event_prompts}: expected >= 1 and >= 0")
 
-    @property
-    def has_hf_twin(self) -> bool:
-        """Whether transformers has a model of this architecture (the additions at defaults)."""
-        return self.additions() == {}
-
     def additions(self) -> dict:
         """The event-CLIP fields that differ from their defaults (evclip.json stores them)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
