@@ -279,7 +279,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("", "xla", "cudnn")
 
 # Fields whose change alters what a resumed run computes (the data it reads, the model, the
-# loss, the optimizer and its schedule); a resume that changes one is refused (trainer).
+# loss, the optimizer and its schedule); a resume that changes one is refused
+# (run_guard.record_config).
 # Paths, logging, checkpointing, evaluation and the device layout are free to change.
 TRAJECTORY_FIELDS = ("seed", "batch_size", "num_epochs", "num_train_steps", "objective",
                      "model.vision.", "model.text.", "model.dtype", "model.event_encoder",

@@ -122,7 +122,7 @@ def _alive(pid) -> bool:
     return True
 
 
-def check_config(config, workdir: Path, *, resuming: bool, allow_change: bool) -> None:
+def record_config(config, workdir: Path, *, resuming: bool, allow_change: bool) -> None:
     """Compares ``config`` with ``workdir/config.json`` when resuming, then records it.
 
     ConfigChangedError listing each changed trajectory field ("field: stored -> now") unless

@@ -264,8 +264,8 @@ def _train(config, workdir: Path, allow_config_change: bool) -> dict:
     from evclip_jax.data import pipeline, prepare, records
 
     done = checkpoints.latest_step(workdir)
-    run_guard.check_config(config, workdir, resuming=done is not None,
-                           allow_change=allow_config_change)
+    run_guard.record_config(config, workdir, resuming=done is not None,
+                            allow_change=allow_config_change)
     trace = StepTrace(config.profile, workdir / "profile")
 
     # Mesh and model.

@@ -85,19 +85,19 @@ def test_trajectory_fields_compared_and_others_free():
 def test_changed_resume_refused_listing_fields_unless_allowed(tmp_path, caplog):
     """Bad case 9: the config is recorded at the first start; a resume that changes the
     trajectory is refused naming each field, and the record stays the original."""
-    run_guard.check_config(tiny.get_config(), tmp_path, resuming=False, allow_change=False)
+    run_guard.record_config(tiny.get_config(), tmp_path, resuming=False, allow_change=False)
     record = tmp_path / run_guard.CONFIG_FILE
     original = record.read_text()
     assert json.loads(original)["optim.base_lr"] == 0.032
     changed = _config(batch_size=16, loss__kl_weight=0.0)
     with pytest.raises(run_guard.ConfigChangedError) as err:
-        run_guard.check_config(changed, tmp_path, resuming=True, allow_change=False)
+        run_guard.record_config(changed, tmp_path, resuming=True, allow_change=False)
     message = str(err.value)
     assert str(record) in message and "--allow_config_change" in message
     assert "batch_size: 8 -> 16" in message and "loss.kl_weight: 1.0 -> 0.0" in message
     assert record.read_text() == original
     # Allowed: logged, and the new settings become the record.
-    run_guard.check_config(changed, tmp_path, resuming=True, allow_change=True)
+    run_guard.record_config(changed, tmp_path, resuming=True, allow_change=True)
     assert "batch_size: 8 -> 16" in caplog.text
     assert json.loads(record.read_text())["batch_size"] == 16
 
