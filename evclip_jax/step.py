@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh
 
 from evclip_jax import objectives, sharding
+from evclip_jax.data import device_prep
 from evclip_jax.models.towers import Towers
 
 
@@ -65,15 +66,19 @@ def make_optimizer(config, total_steps: int, warmup_steps: int):
 
 
 def make_train_step(objective: objectives.Objective, towers: Towers, loss_cfg, tx, schedule,
-                    seed: int = 0):
+                    seed: int = 0, input_prep: device_prep.InputPrep | None = None):
     """(state, frozen, classes, batch) -> (state, metrics).
 
     ``jax.grad`` is taken with respect to ``state.params`` alone, so the frozen towers get no
-    gradient and no optimizer state.
+    gradient and no optimizer state. ``input_prep``: the batch is the input pipeline's
+    integers, made the towers' inputs (augmented) on the device first
+    (``device_prep.prepare``); None: the batch holds tower inputs already.
     """
     loss_fn = objectives.make_loss_fn(objective, towers, loss_cfg, seed)
 
     def train_step(state: TrainState, frozen: dict, classes, batch: dict):
+        if input_prep is not None:
+            batch = device_prep.prepare(batch, input_prep)
         batch = {k: v for k, v in batch.items() if k != "mask"}
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, frozen, classes, batch, state.step)
@@ -145,11 +150,12 @@ class Setup:
 
 
 def setup(config, towers: Towers, params: dict, classes, mesh: Mesh, *, total_steps: int,
-          warmup_steps: int) -> Setup:
+          warmup_steps: int, input_prep: device_prep.InputPrep | None = None) -> Setup:
     """The objective's state and frozen towers placed on ``mesh`` and its jitted step.
 
     ``params`` are model params ({image_tower, event_tower, text_tower, logit_scale}, host or
-    device); ``classes`` as objectives.make_loss_fn takes it.
+    device); ``classes`` as objectives.make_loss_fn takes it; ``input_prep`` as
+    ``make_train_step`` takes it (the trainer's, for the pipeline's integer batches).
     """
     objective = objectives.get(config.objective)
     objectives.check_loss_config(objective, config.loss)
@@ -162,6 +168,7 @@ def setup(config, towers: Towers, params: dict, classes, mesh: Mesh, *, total_st
         state = init_state(trainable, tx)
     classes = jax.tree.map(lambda x: jax.device_put(np.asarray(jax.device_get(x)),
                                                     sharding.replicated(mesh)), classes)
-    train_step = make_train_step(objective, towers, config.loss, tx, schedule, config.seed)
+    train_step = make_train_step(objective, towers, config.loss, tx, schedule, config.seed,
+                                 input_prep)
     step_fn = jit_train_step(train_step, state, frozen, classes, mesh)
     return Setup(state, frozen, classes, step_fn)

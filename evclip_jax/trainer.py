@@ -40,6 +40,8 @@ from evclip_jax import (
     text,
 )
 from evclip_jax.checkpoint_files import options_from_config
+from evclip_jax.data import device_prep
+from evclip_jax.data.augment import check_augment
 from evclip_jax.evaluate import runner
 from evclip_jax.models.clip import CLIPConfig, TowerConfig
 
@@ -65,8 +67,6 @@ class Preempted(Exception):
 
 def check_config(config) -> None:
     """Settings refused before anything is built, each naming its field."""
-    from evclip_jax.data.augment import check_augment  # TensorFlow: see the module docstring
-
     config_base.check_fields(config)
     if config.batch_size % jax.device_count():
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
@@ -293,8 +293,10 @@ def _train(config, workdir: Path, allow_config_change: bool) -> dict:
     _, params = convert.load_evclip(init_dir)
     tokenizer = text.load_tokenizer(init_dir)
     classes = class_inputs(config, objective, towers, params, tokenizer, class_names)
+    # The step makes the pipeline's integer batches tower inputs, augmented, on the device.
     s = step.setup(config, towers, params, classes, mesh, total_steps=total_steps,
-                   warmup_steps=warmup_steps)
+                   warmup_steps=warmup_steps,
+                   input_prep=device_prep.InputPrep.from_config(config, manifest))
     state = s.state
 
     # Checkpoint: resume from the newest step that restores (checked; damaged ones set aside).
@@ -309,12 +311,10 @@ def _train(config, workdir: Path, allow_config_change: bool) -> dict:
         logging.info("resumed from %s at step %d", Path(mngr.directory) / str(start), start)
 
     # Input: the data position is the step, so a resumed run sees the batches it would have.
-    augment = dict(config.data.augment)
-    augment = augment if augment.pop("enabled") else None
     ds = pipeline.make_dataset(
         data_dir, config.data.train_split, global_batch_size=config.batch_size,
-        out_size=image_size, train=True, seed=config.seed, augment=augment,
-        paired_aug=config.data.paired_aug, skip_bad_records=config.data.skip_bad_records,
+        out_size=image_size, train=True, seed=config.seed,
+        skip_bad_records=config.data.skip_bad_records,
         max_bad_fraction=config.data.max_bad_fraction, teacher_emb=config.data.teacher_emb,
         start_step=start, representation=config.data.representation)
 
@@ -359,7 +359,7 @@ def _train(config, workdir: Path, allow_config_change: bool) -> dict:
         evaluate(0)
     with Preemption() as preempt, trace, jax.set_mesh(mesh):
         batches = pipeline.global_batches(
-            ds, mesh, stall_timeout_s=config.data.stall_timeout_s,
+            ds, mesh, tower_inputs=False, stall_timeout_s=config.data.stall_timeout_s,
             interrupted=lambda: preempt.requested,
             source=f"{data_dir} (split {config.data.train_split})")
         while at < total_steps and not preempt.requested:

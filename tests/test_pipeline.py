@@ -1,6 +1,7 @@
-"""tf.data pipeline: contract batches (each event representation against embed's maps of the
-NumPy frames), determinism, host sharding, eval padding, resume, paired augmentation, global
-jax.Arrays, representation mismatch, corrupt shards."""
+"""tf.data pipeline: the integer batch contract and, through device_prep, the towers' inputs
+(each event representation against embed's maps of the NumPy frames), determinism, host
+sharding, eval padding, resume (after the device augmentation too), paired augmentation,
+global jax.Arrays, representation mismatch, corrupt shards."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ tf = pytest.importorskip("tensorflow")
 from event_fixtures import random_events  # noqa: E402
 
 from evclip_jax import embed  # noqa: E402
-from evclip_jax.data import pipeline  # noqa: E402
+from evclip_jax.data import device_prep, pipeline  # noqa: E402
 from evclip_jax.data.augment import RELEASE_AUGMENT  # noqa: E402
 from evclip_jax.data.records import (  # noqa: E402
     PairedItem,
@@ -82,12 +83,29 @@ def _batches(data_dir, split="train", n=None, **kw):
     return list(ds.take(n).as_numpy_iterator() if n is not None else ds.as_numpy_iterator())
 
 
+def _prepared(batches, augment=AUG, paired=True, rep="evclip", seed=0):
+    """The train step's device map of host batches (device_prep.prepare), as NumPy."""
+    prep = device_prep.InputPrep(rep, S, augment=augment, paired=paired, seed=seed,
+                                 fill=1.0 if rep == "eventbind" else 0.0)
+    fn = jax.jit(lambda b: device_prep.prepare(b, prep))
+    return [{k: np.asarray(v) for k, v in fn(b).items()} for b in batches]
+
+
 def _eval_labels(batches):
     return np.concatenate([b["labels"][b["mask"]] for b in batches])
 
 
 def test_contract_keys_shapes_ranges(data):
-    batches = _batches(data["dir"], n=3, augment=AUG, teacher_emb=True)
+    """Host batches hold integers (counts, gray images) and the seeding fields; the device map
+    makes them tower inputs in range."""
+    raw = _batches(data["dir"], n=3, teacher_emb=True)
+    for b in raw:
+        assert set(b) == {"events", "images", "labels", "mask", "teacher_emb", "index", "epoch"}
+        assert b["events"].shape == (8, S, S) and b["events"].dtype == np.uint16
+        assert b["images"].shape == (8, S, S) and b["images"].dtype == np.uint8
+        assert b["index"].dtype == np.int32 and b["epoch"].dtype == np.int32
+        assert ((b["index"] >= 0) & (b["index"] < N)).all() and (b["epoch"] == 0).all()
+    batches = _prepared(raw)
     mean, std = MEAN, STD
     for b in batches:
         assert set(b) == {"events", "images", "labels", "mask", "teacher_emb"}
@@ -109,6 +127,8 @@ def test_eval_frame_maths_padding_and_mask(data):
     stored window, images == CLIP-normalised replicated gray; 37 examples, batch 16 -> 3
     batches, 37 True masks, each example once."""
     batches = _batches(data["dir"], "test", global_batch_size=16, train=False)
+    tower_inputs = jax.jit(device_prep.tower_inputs)
+    batches = [{k: np.asarray(v) for k, v in tower_inputs(b).items()} for b in batches]
     assert len(batches) == 3
     assert sum(int(b["mask"].sum()) for b in batches) == N
     assert sorted(_eval_labels(batches)) == list(range(N))
@@ -131,16 +151,16 @@ def test_eval_frame_maths_padding_and_mask(data):
 def test_determinism_seed_and_parallelism(data):
     """Same seed -> identical batches, also with tf.data on one thread instead of the default
     pool; another seed -> another order; each epoch is a new permutation."""
-    a = _batches(data["dir"], n=10, augment=AUG, seed=1)
+    a = _batches(data["dir"], n=10, seed=1)
     ds = pipeline.make_dataset(data["dir"], "train", global_batch_size=8, out_size=S,
-                               train=True, seed=1, augment=AUG)
+                               train=True, seed=1)
     options = tf.data.Options()
     options.threading.private_threadpool_size = 1
     b = list(ds.with_options(options).take(10).as_numpy_iterator())
     for x, y in zip(a, b, strict=True):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
-    c = _batches(data["dir"], n=10, augment=AUG, seed=2)
+    c = _batches(data["dir"], n=10, seed=2)
     order_a = np.concatenate([x["labels"] for x in a])
     order_c = np.concatenate([x["labels"] for x in c])
     assert not np.array_equal(order_a, order_c)
@@ -166,14 +186,17 @@ def test_host_sharding_disjoint_and_covering(data):
 
 
 def test_resume_matches_uninterrupted(data):
-    """start_step k yields batches k, k+1, ... of a fresh run (8 per batch, 37 per epoch:
-    step 9 skips epoch 0 whole and 35 records of epoch 1, so its first batch straddles the
-    epoch 1/2 boundary)."""
-    full = _batches(data["dir"], n=12, augment=AUG, seed=3)
+    """start_step k yields batches k, k+1, ... of a fresh run, on the host and after the
+    device augmentation (8 per batch, 37 per epoch: step 9 skips epoch 0 whole and 35 records
+    of epoch 1, so its first batch straddles the epoch 1/2 boundary)."""
+    full = _batches(data["dir"], n=12, seed=3)
     for start in (9,):
-        tail = _batches(data["dir"], n=12 - start, augment=AUG, seed=3, start_step=start)
+        tail = _batches(data["dir"], n=12 - start, seed=3, start_step=start)
         assert len(tail) == 12 - start
         for x, y in zip(full[start:], tail, strict=True):
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k])
+        for x, y in zip(_prepared(full[start:], seed=3), _prepared(tail, seed=3), strict=True):
             for k in x:
                 np.testing.assert_array_equal(x[k], y[k])
 
@@ -250,9 +273,10 @@ def test_representation_mismatch_names_the_manifest(rep_data):
 def test_resume_multichannel(rep_data):
     """Augmented eventbind batches resume exactly (10 records, 4 per batch: step 4 starts
     inside epoch 1 and its batch straddles the epoch 1/2 boundary)."""
-    kw = {"global_batch_size": 4, "augment": AUG, "seed": 3, "representation": "eventbind"}
-    full = _batches(rep_data["dir"], n=6, **kw)
-    tail = _batches(rep_data["dir"], n=2, start_step=4, **kw)
+    kw = {"global_batch_size": 4, "seed": 3, "representation": "eventbind"}
+    full = _prepared(_batches(rep_data["dir"], n=6, **kw), rep="eventbind", seed=3)
+    tail = _prepared(_batches(rep_data["dir"], n=2, start_step=4, **kw), rep="eventbind",
+                     seed=3)
     for x, y in zip(full[4:], tail, strict=True):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
@@ -317,14 +341,14 @@ def _square_offsets(batches, rep="evclip"):
 
 def test_paired_augmentation_keeps_alignment(squares):
     root, centres, _ = squares
-    paired = _batches(root, n=2, seed=0, augment=AUG, paired_aug=True)
+    paired = _prepared(_batches(root, n=2, seed=0), paired=True)
     offsets = _square_offsets(paired)
     assert len(offsets) >= 12 and offsets.max() < 1.0
     # The augmentation did move the squares away from where they were written.
     moved = [np.abs(_centroids(b["events"][i, ..., 0] > -0.5) - centres[b["labels"][i]]).max()
              for b in paired for i in range(8) if (b["events"][i, ..., 0] > -0.5).any()]
     assert max(moved) > 3
-    unpaired = _batches(root, n=2, seed=0, augment=AUG, paired_aug=False)
+    unpaired = _prepared(_batches(root, n=2, seed=0), paired=False)
     offsets = _square_offsets(unpaired)
     assert offsets.max() > 3
 
@@ -338,7 +362,7 @@ def test_paired_augmentation_multichannel(squares, rep, tmp_path):
     write_tfrecords(items, tmp_path, class_names=[str(i) for i in range(16)], out_size=S,
                     sensor_size=(S, S), split="train", representation=rep, num_frames=T,
                     progress=False)
-    paired = _batches(str(tmp_path), n=2, seed=0, augment=AUG, representation=rep)
+    paired = _prepared(_batches(str(tmp_path), n=2, seed=0, representation=rep), rep=rep)
     for b in paired:
         assert b["events"].shape == (8, *EVENT_SHAPES[rep])
         for events in b["events"]:
@@ -352,8 +376,8 @@ def test_paired_augmentation_multichannel(squares, rep, tmp_path):
             np.testing.assert_allclose(events * STD + MEAN, want, rtol=0, atol=1e-5)
     offsets = _square_offsets(paired, rep)
     assert len(offsets) >= 12 and offsets.max() < 1.0
-    unpaired = _batches(str(tmp_path), n=2, seed=0, augment=AUG, paired_aug=False,
-                        representation=rep)
+    unpaired = _prepared(_batches(str(tmp_path), n=2, seed=0, representation=rep),
+                         paired=False, rep=rep)
     assert _square_offsets(unpaired, rep).max() > 3
 
 
@@ -363,13 +387,22 @@ def test_global_batches_sharded_over_fake_devices(data):
                                train=True, seed=0, process_index=0, process_count=1)
     local = next(ds.as_numpy_iterator())
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
-    batch = next(pipeline.global_batches(ds, mesh))
+    batch = next(pipeline.global_batches(ds, mesh, tower_inputs=False))
     assert set(batch) == set(local)
     for k, arr in batch.items():
         assert isinstance(arr, jax.Array) and arr.shape == local[k].shape
         assert arr.sharding == NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
         assert {s.data.shape[0] for s in arr.addressable_shards} == {2}
         np.testing.assert_array_equal(np.asarray(arr), local[k])
+    # Evaluation's default: the towers' inputs, mapped on the devices, sharded alike.
+    prepared = next(pipeline.global_batches(ds, mesh))
+    assert set(prepared) == set(local) - {"index", "epoch"}
+    for k in ("events", "images"):
+        assert prepared[k].sharding.spec == PartitionSpec(("data", "fsdp"))
+        assert {s.data.shape[0] for s in prepared[k].addressable_shards} == {2}
+        np.testing.assert_allclose(np.asarray(prepared[k]),
+                                   np.asarray(device_prep.tower_inputs(local)[k]), rtol=0,
+                                   atol=1e-6)
     mesh1 = Mesh(np.array(jax.devices()), ("data",))  # no "fsdp" axis: ignored
     batch = next(pipeline.global_batches(iter([local]), mesh1))
     assert batch["events"].sharding.spec == PartitionSpec(("data",))
@@ -387,8 +420,7 @@ def test_missing_data_errors_name_the_path(tmp_path, data):
                               train=True, seed=0)
     for unknown in ({"rotate": 1}, {**AUG, "time_flip": True}):  # time flip: a no-op, gone
         with pytest.raises(ValueError, match="unknown keys"):
-            pipeline.make_dataset(data["dir"], "train", global_batch_size=8, out_size=S,
-                                  train=True, seed=0, augment=unknown)
+            device_prep.InputPrep("evclip", S, augment=unknown)
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,9 +93,7 @@ def write_split(data_dir: str, split: str, embed_images: Embedder, *, batch_size
                          f"takes {image_size} px")
 
     def parse(serialized):
-        parsed = records.parse_example(
-            serialized, size, has_images=True, representation=manifest["representation"],
-            num_frames=manifest["event_shape"][0])
+        parsed = records.parse_example(serialized, size, **records.record_format(manifest))
         return serialized, parsed["image"]
 
     partial, emb_dim = [], None
@@ -106,10 +104,11 @@ def write_split(data_dir: str, split: str, embed_images: Embedder, *, batch_size
                                       strict=True):
                 shard = os.path.join(data_dir, name)
                 partial.append(shard + records.PARTIAL_SUFFIX)
-                batches = (tf.data.TFRecordDataset(shard)
+                compression = manifest["compression"] or ""  # written as it was read
+                batches = (tf.data.TFRecordDataset(shard, compression_type=compression)
                            .map(parse, num_parallel_calls=tf.data.AUTOTUNE)
                            .batch(batch_size).prefetch(2))
-                with tf.io.TFRecordWriter(partial[-1]) as writer:
+                with tf.io.TFRecordWriter(partial[-1], options=compression) as writer:
                     count, dim = _write_shard(shard, batches, embed_images, writer,
                                               batch_size, bar)
                 emb_dim = dim or emb_dim

@@ -1,32 +1,36 @@
-"""tf.data input pipeline: paired TFRecords -> per-host batches -> global jax.Arrays.
+"""tf.data input pipeline: paired TFRecords -> per-host integer batches -> global jax.Arrays.
 
-With data/augment.py and data/bad_records.py, the only library modules that import TensorFlow at
-top level.
+With data/bad_records.py, the only library module that imports TensorFlow at top level. The
+host parses, decodes (raw bytes, or PNG for png records) and batches; nothing else. What
+turns a batch into the towers' inputs -- the Eq. 1 normalisation, the augmentation, the
+3-channel expansion and CLIP mean/std -- runs on the device (``device_prep``): inside the
+jitted train step, and for evaluation in ``global_batches``.
+
 A batch (B rows per host; S = the records' ``image_size``, T = ``num_frames``):
 
-* "events" float32, the event tower's input exactly as
-  ``evclip_jax.embed.events_to_tower_input(frames, representation)`` makes it from the
-  frames of the manifest's ``representation`` (evclip_jax.data.records): ``evclip``
-  [B, S, S, 3] = (E - 0.5) * 2 of the Eq. 1 frame E = counts / (max + 1), replicated, in
-  [-1, 1) (no CLIP mean/std, as the release); ``eventclip`` [B, S, S, 3] and ``eventbind``
-  [B, T, S, S, 3]: the [0, 1] frames, CLIP mean/std normalised (``embed.CLIP_MEAN``, ...).
-* "images" float32 [B, S, S, 3]: ``embed.images_to_tower_input`` of the gray paired images
-  (0..255; black when the records have none).
+* "events": ``evclip`` records: the Eq. 1 counts, uint16 (png records) or the manifest's
+  ``event_dtype`` (raw), [B, S, S]; ``eventclip`` float32 [B, S, S, 3] and ``eventbind``
+  float32 [B, T, S, S, 3] frames in [0, 1];
+* "images" uint8 [B, S, S], the gray paired images (black when the records have none);
 * "labels" int32 [B]; "mask" bool [B] (False on evaluation padding, labels PAD_LABEL);
-  optional "teacher_emb" float32 [B, D].
-The tf maps here are twins of embed's jnp functions, and tested against them.
+  "index" int32 [B] (the record's global index, -1 on padding) and "epoch" int32 [B],
+  which seed the device augmentation; optional "teacher_emb" float32 [B, D].
+
+Records with several event windows (``num_windows`` > 1, training splits) give one per epoch
+in training, drawn from (seed, epoch, global record index); evaluation reads the first.
 
 Determinism does not depend on parallelism: the record order is a function of (seed, epoch)
 only (seeded piece order, deterministic interleave, seeded shuffle buffer), and every random
-augmentation is a stateless op seeded by (seed, epoch, global record index). So an iterator
-resumed at ``start_step`` yields exactly the batches an uninterrupted one yields from there.
+draw (the window here, the augmentation on the device) is seeded by (seed, epoch, global
+record index). So an iterator resumed at ``start_step`` yields exactly the batches an
+uninterrupted one yields from there.
 
 Host sharding: host h of P reads the contiguous block of global record indices
 [h*N//P, (h+1)*N//P) -- disjoint, covering, and each host only opens the shards that overlap
 its block. The writer shuffles training splits, so blocks mix classes.
 
 Note: tf.data seeds are combined with TensorFlow's global seed; calling
-``tf.random.set_seed`` changes the order (not the augmentations).
+``tf.random.set_seed`` changes the order (not the windows or augmentations).
 
 Nothing here hangs: a shard that is missing when its turn comes is fatal at once, naming it;
 skipping bad records gives up past ``max_bad_fraction``; ``global_batches`` fetches on a
@@ -49,12 +53,10 @@ import numpy as np
 import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from evclip_jax import embed
-from evclip_jax.data.augment import Augment, check_augment
+from evclip_jax.data import device_prep
 from evclip_jax.data.bad_records import BadRecordCounter, Checks, existing, readable
 from evclip_jax.data.bad_records import BadRecordError as BadRecordError  # raised through here
-from evclip_jax.data.records import manifest_path, parse_example, read_manifest
-from evclip_jax.events.frames import counts_to_frame_tf
+from evclip_jax.data.records import manifest_path, parse_example, read_manifest, record_format
 
 # Functions given to tf.data hold no Python control flow on tensors: skip AutoGraph's
 # source conversion, which costs seconds of tracing per dataset.
@@ -62,7 +64,7 @@ _plain = tf.autograph.experimental.do_not_convert
 DEFAULT_SHUFFLE_BUFFER = 10_000
 PAD_LABEL = -1
 _DECODE_GROUP = 32  # records per error-catching decode group (at most 63: an int64 bitmask)
-_BOOKKEEPING = ("pos", "bad", "bad_shard", "bad_index", "index", "shard")
+_BOOKKEEPING = ("pos", "bad", "bad_shard", "bad_index", "shard")
 DEFAULT_STALL_TIMEOUT_S = 600.0
 _POLL_S = 0.2  # how often a waiting consumer looks at its interrupt flag
 
@@ -79,8 +81,6 @@ def make_dataset(
     out_size: int,
     train: bool,
     seed: int,
-    augment: Mapping[str, Any] | None = None,
-    paired_aug: bool = True,
     skip_bad_records: bool = False,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -98,16 +98,11 @@ def make_dataset(
       data_dir, split: where ``<split>.manifest.json`` and its shards are.
       global_batch_size: batch over all hosts; each host yields global_batch_size // P rows.
       out_size: must equal the records' ``image_size``.
-      train: True: seeded per-epoch shuffle, augmentation, endless repeat, full batches.
-        False: file order, no augmentation, one pass, the last batch padded to full size with
-        "mask" False (labels PAD_LABEL); every host yields the same number of batches.
-      seed: drives the order and the augmentations.
-      augment: None (off) or a dict-like with keys of ``augment.RELEASE_AUGMENT`` (train
-        only). Event frames are resampled nearest-neighbour, every channel and frame alike;
-        Eq. 1 counts are shifted before the frame is normalised (the release shifts events).
-      paired_aug: True: one geometric transform for the event frames and the image of a pair
-        (evclip_jax default, METHOD.md). False: independent draws for each, as the release's
-        separate event/image transforms.
+      train: True: seeded per-epoch shuffle and event window, endless repeat, full batches.
+        False: file order, the first window, one pass, the last batch padded to full size
+        with "mask" False (labels PAD_LABEL); every host yields the same number of batches.
+      seed: drives the order and the windows (and, on the device, the augmentation: the
+        batches carry each record's epoch and global index for it).
       skip_bad_records: False: a bad record (undecodable, a label outside the manifest's
         classes) or corrupt/truncated shard raises an error naming the shard. True: skip it,
         count it in ``bad_records`` and log to stderr (at 1, 2, 4, ... skipped records). Gives
@@ -145,11 +140,8 @@ def make_dataset(
         raise ValueError(f"{where}: teacher_emb=True but the records have no teacher_emb")
     if not train and start_step:
         raise ValueError(f"start_step={start_step} is only supported with train=True")
-    if not train and augment:
-        raise ValueError("augment must be None with train=False (evaluation is deterministic)")
     if max_bad_fraction is not None and not 0 <= max_bad_fraction < 1:
         raise ValueError(f"max_bad_fraction={max_bad_fraction}: expected a share in [0, 1)")
-    aug = check_augment(augment)
 
     pindex = jax.process_index() if process_index is None else int(process_index)
     pcount = jax.process_count() if process_count is None else int(process_count)
@@ -175,7 +167,7 @@ def make_dataset(
     checks = Checks(skip_bad_records, counter, num_classes=len(manifest["class_names"]),
                      max_bad=max_bad_fraction, epoch_records=host_records)
     reader = _Reader(pieces, seed=seed, train=train, shuffle_buffer=shuffle_buffer,
-                     checks=checks)
+                     checks=checks, compression=manifest["compression"] or "")
 
     if train:
         epochs = tf.data.Dataset.counter(start=first_epoch)
@@ -191,9 +183,7 @@ def make_dataset(
 
     records = epochs.flat_map(_plain(epoch_records))
 
-    decode = _Decoder(manifest, emb_dim=emb_dim, seed=seed,
-                      augment=Augment(aug, out_size) if train and aug else None,
-                      paired=paired_aug)
+    decode = _Decoder(manifest, emb_dim=emb_dim, seed=seed, train=train)
 
     # Records are decoded in groups of _DECODE_GROUP (see _decode_group: per-record errors are
     # caught, counted and named). block_length > group size keeps the record order whatever
@@ -212,8 +202,6 @@ def make_dataset(
         num_batches = math.ceil(math.ceil(num_examples / pcount) / batch)
         ds = ds.concatenate(tf.data.Dataset.from_tensors(decode.padding()).repeat())
         ds = ds.batch(batch, drop_remainder=True).take(num_batches)
-    ds = ds.map(_plain(lambda b: _to_tower_inputs(b, stored)),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     options = tf.data.Options()
     options.deterministic = deterministic
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
@@ -224,12 +212,16 @@ def global_batches(
     mesh: Mesh,
     batch_axes: tuple[str, ...] = ("data", "fsdp"),
     *,
+    tower_inputs: bool = True,
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     interrupted: Callable[[], bool] | None = None,
     source: str = "the input pipeline",
 ) -> Iterator[dict[str, jax.Array]]:
     """Turns per-host batches into global jax.Arrays sharded on the batch dim over ``batch_axes``.
 
+    ``tower_inputs``: True maps each batch to the towers' inputs on the device, without
+    augmentation (``device_prep.tower_inputs``: evaluation); False yields the batches as they
+    came, integers (the train step maps and augments them itself, ``device_prep.prepare``).
     Axes of ``batch_axes`` that the mesh lacks are ignored. Every host must call this with its
     own per-host batches in the same step order. A corrupt record or shard (with
     skip_bad_records=False) surfaces as BadRecordError naming the shard, a shard that vanished
@@ -245,14 +237,16 @@ def global_batches(
         raise ValueError(f"none of batch_axes {batch_axes} is a mesh axis {mesh.axis_names}")
     sharding = NamedSharding(mesh, PartitionSpec(axes))
     it = dataset.as_numpy_iterator() if isinstance(dataset, tf.data.Dataset) else iter(dataset)
+    prepare = jax.jit(device_prep.tower_inputs) if tower_inputs else None
     fetcher = _Fetcher(it)
     try:
         while True:
             batch = fetcher.get(stall_timeout_s, interrupted, source)
             if batch is None:
                 return
-            yield {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-                   for k, v in batch.items()}
+            batch = {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+                     for k, v in batch.items()}
+            yield prepare(batch) if prepare is not None else batch
     finally:
         fetcher.stop()
 
@@ -339,7 +333,7 @@ class _Reader:
     """One epoch of raw records of this host: {"serialized", "index", "shard", "epoch"}."""
 
     def __init__(self, pieces: list[tuple[str, int, int, int]], *, seed: int, train: bool,
-                 shuffle_buffer: int, checks: Checks) -> None:
+                 shuffle_buffer: int, checks: Checks, compression: str) -> None:
         self.files = tf.constant([p[0] for p in pieces])
         self.starts = tf.constant([p[1] for p in pieces], tf.int64)
         self.counts = tf.constant([p[2] for p in pieces], tf.int64)
@@ -349,6 +343,7 @@ class _Reader:
         self.train = train
         self.shuffle_buffer = shuffle_buffer
         self.checks = checks
+        self.compression = compression  # "", "GZIP" or "ZLIB" (the manifest's)
 
     def epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
         pieces = (self.files, self.starts, self.counts, self.offsets)
@@ -373,7 +368,8 @@ class _Reader:
         # and a truncated file just ends early; ignore_errors() ends the piece at the damage
         # and the end-of-piece sentinel below finds how many records never arrived. A missing
         # file would make ignore_errors() retry the open forever: it is checked first.
-        records = tf.data.TFRecordDataset(existing(path)).ignore_errors().skip(start).take(count)
+        records = tf.data.TFRecordDataset(existing(path), compression_type=self.compression)
+        records = records.ignore_errors().skip(start).take(count)
         records = records.map(_plain(lambda s: {"serialized": s,
                                                 "index": tf.constant(0, tf.int64)}))
         sentinel = tf.data.Dataset.from_tensors({"serialized": tf.constant(""),
@@ -398,86 +394,58 @@ def _fold(seed: int, stream: int, value: tf.Tensor) -> tf.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Decoding, augmentation, normalisation.
+# Decoding.
 
 
 class _Decoder:
-    """Record -> example: the event frames (augmented in training) and the gray image [S, S]
-    (0..255), label, mask[, teacher_emb], and the record's position in its decode group
-    ("pos"), global index and shard. Whole batches become tower inputs in
-    ``_to_tower_inputs``."""
+    """Record -> example: the event window (drawn per epoch in training), the gray image, label,
+    mask, global index, epoch[, teacher_emb] (the batch contract), and the record's position
+    in its decode group ("pos") and shard."""
 
     def __init__(self, manifest: Mapping[str, Any], *, emb_dim: int | None, seed: int,
-                 augment: Augment | None, paired: bool) -> None:
+                 train: bool) -> None:
         self.size = int(manifest["image_size"])
-        self.representation = manifest["representation"]
+        self.format = record_format(manifest)
         self.event_shape = list(manifest["event_shape"])
-        # What enters where a shift moves content away: no events (EventBind: its background).
-        self.fill = float(manifest.get("representation_options", {}).get("background", 0.0))
-        self.has_images = manifest.get("has_images", True)
+        self.event_dtype = (tf.as_dtype(manifest["event_dtype"])
+                            if manifest["representation"] == "evclip" else tf.float32)
+        self.num_windows = int(manifest["num_windows"])
         self.num_examples = int(manifest["num_examples"])
         self.emb_dim = emb_dim
         self.seed = seed
-        self.augment = augment
-        self.paired = paired
+        self.train = train
 
     def __call__(self, rec: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        parsed = parse_example(rec["serialized"], self.size, self.emb_dim,
-                               has_images=self.has_images, representation=self.representation,
-                               num_frames=self.event_shape[0])
-        image = tf.cast(parsed["image"], tf.float32)
-        if self.representation == "evclip":
-            events = tf.cast(parsed["event_counts"], tf.float32)
-        else:
-            events = parsed["event_frames"]
-        if self.augment is not None:
-            # One seed per (seed, epoch, record): independent of parallelism and host count.
-            seed = _fold(self.seed, 3, rec["epoch"] * self.num_examples + rec["index"])
-            events, image = self._augment_pair(events, image, seed)
-        elif self.representation == "evclip":
-            events = counts_to_frame_tf(events)
-        out = {"events": events, "images": image, "labels": parsed["label"],
-               "mask": tf.constant(True)}
+        window = tf.constant(0, tf.int64)
+        if self.train and self.num_windows > 1:
+            # One window per (seed, epoch, record): the paper's random window per visit.
+            draw = _fold(self.seed, 4, rec["epoch"] * self.num_examples + rec["index"])
+            window = tf.random.stateless_uniform([], draw, minval=0, maxval=self.num_windows,
+                                                 dtype=tf.int64)
+        parsed = parse_example(rec["serialized"], self.size, self.emb_dim, window=window,
+                               **self.format)
+        events = parsed["event_counts" if "event_counts" in parsed else "event_frames"]
+        out = {"events": events, "images": parsed["image"], "labels": parsed["label"],
+               "mask": tf.constant(True), "index": tf.cast(rec["index"], tf.int32),
+               "epoch": tf.cast(rec["epoch"], tf.int32)}
         if self.emb_dim:
             out["teacher_emb"] = parsed["teacher_emb"]
-        out.update(pos=rec["pos"], index=rec["index"], shard=rec["shard"])
+        out.update(pos=rec["pos"], shard=rec["shard"])
         return out
 
     def padding(self) -> dict[str, tf.Tensor]:
-        """An empty example (zero frames, black image) with mask False (eval padding)."""
-        out = {"events": tf.zeros(self.event_shape), "images": tf.zeros([self.size] * 2),
-               "labels": tf.constant(PAD_LABEL, tf.int32), "mask": tf.constant(False)}
+        """An empty example (zero events, black image) with mask False (eval padding)."""
+        out = {"events": tf.zeros(self.event_shape, self.event_dtype),
+               "images": tf.zeros([self.size] * 2, tf.uint8),
+               "labels": tf.constant(PAD_LABEL, tf.int32), "mask": tf.constant(False),
+               "index": tf.constant(-1, tf.int32), "epoch": tf.constant(0, tf.int32)}
         if self.emb_dim:
             out["teacher_emb"] = tf.zeros([self.emb_dim])
         return out
 
     def end_marker(self) -> dict[str, tf.Tensor]:
         """Closes a decode group (pos -1)."""
-        return {**self.padding(), "pos": tf.constant(-1, tf.int64),
-                "index": tf.constant(-1, tf.int64), "shard": tf.constant("")}
-
-    def _augment_pair(self, events: tf.Tensor, image: tf.Tensor,
-                      seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Release augmentation of a pair: shift, random resized crop, horizontal flip. Eq. 1
-        counts are shifted (events leaving the sensor are dropped, as the release does), then
-        normalised to the frame; event frames are resampled nearest-neighbour, the image
-        bilinearly."""
-        aug = self.augment
-        if self.paired:
-            event_t = image_t = aug.draw(seed)
-        else:  # release: event and image transforms are drawn independently
-            event_t = aug.draw(tf.random.experimental.stateless_fold_in(seed, 1))
-            image_t = aug.draw(tf.random.experimental.stateless_fold_in(seed, 2))
-        # As stacks [N, S, S, C]: Eq. 1 [1, S, S, 1], EventCLIP [1, S, S, 3], EventBind as is.
-        stack = {"evclip": events[None, :, :, None], "eventclip": events[None],
-                 "eventbind": events}[self.representation]
-        stack = aug.shift(stack, event_t, self.fill)
-        if self.representation == "evclip":
-            stack = counts_to_frame_tf(stack)
-        stack = aug.crop_flip(stack, event_t, "nearest")
-        events = tf.reshape(stack, self.event_shape)
-        image = aug.crop_flip(aug.shift(image[None, :, :, None], image_t), image_t, "bilinear")
-        return events, image[0, :, :, 0]
+        return {**self.padding(), "pos": tf.constant(-1, tf.int64), "shard": tf.constant("")}
 
 
 def _decode_group(group: dict[str, tf.Tensor], decode: _Decoder) -> tf.data.Dataset:
@@ -504,19 +472,3 @@ def _decode_group(group: dict[str, tf.Tensor], decode: _Decoder) -> tf.data.Data
         return tf.bitwise.bitwise_or(received, bit), {**ex, **report}
 
     return decoded.concatenate(ends).scan(tf.constant(0, tf.int64), _plain(track))
-
-
-def _to_tower_inputs(batch: dict[str, tf.Tensor], representation: str) -> dict[str, tf.Tensor]:
-    """Per-example frames and gray images -> the batch contract (module docstring); tf twins
-    of ``embed.events_to_tower_input`` and ``embed.images_to_tower_input``. Done per batch:
-    fewer, larger ops than per example."""
-    mean, std = np.array(embed.CLIP_MEAN, np.float32), np.array(embed.CLIP_STD, np.float32)
-    if representation == "evclip":
-        # [B, S, S] Eq. 1 frames -> (E - 0.5) * 2 replicated to 3 channels, no CLIP mean/std.
-        scaled = (batch["events"] - 0.5) * 2.0
-        events = tf.broadcast_to(scaled[..., None], scaled.shape.concatenate([3]))
-    else:
-        events = (batch["events"] - mean) / std
-    # Gray 0..255 -> / 255, CLIP mean/std, folded into one scale and bias per channel.
-    images = batch["images"][..., None] * (1.0 / (255.0 * std)) - mean / std
-    return {**batch, "events": events, "images": images}

@@ -2,22 +2,14 @@
 
 One record holds one (event window, image) pair already reduced to what training reads, so
 the input pipeline decodes a few small buffers per example instead of a whole event file.
-Record features (one ``tf.train.Example``; S = ``image_size``, T = ``num_frames``):
+Record features: ``record_codec`` (their encodings and parser).
 
-* ``event_counts`` (``evclip`` records): 16-bit gray PNG, uint16 [S, S], the Eq. 1 counts of
-  the event window, clamped by ``clamp``; the frame is ``frames.counts_to_frame(counts)``.
-* ``event_frames`` (``eventclip``, ``eventbind`` records): the representation itself, zlib-
-  compressed little-endian float32 in C order: ``frames.eventclip_frame`` [S, S, 3] or
-  ``frames.eventbind_frames`` [T, S, S, 3] (T fixed-count windows), in [0, 1]. float32, as
-  float16 would round the EventCLIP ratios k / max (1/3, ...); zeros compress well.
-* ``image`` (when the items have images): 8-bit gray PNG, uint8 [S, S], the paired image in
-  CLIP preprocessing (``load_gray_image``).
-* ``label`` int64: index into ``class_names``; ``key`` bytes: the event file's path (UTF-8);
-  optional ``teacher_emb`` float32 [D] and ``caption`` bytes (raw UTF-8 text).
-
-Event window: the whole file if ``window_k`` is None; on training splits (``train*``,
-``pretrain*``) a ``random_window`` of ``window_k`` events drawn from ``default_rng([seed,
-item index])``, else ``eval_window(n, window_k, seed)``. Fixed at write time.
+Event windows: the whole file if ``window_k`` is None; on training splits (``train*``,
+``pretrain*``) ``num_windows`` ``random_window`` s of ``window_k`` events drawn one after the
+other from ``default_rng([seed, item index])`` (the pipeline draws one per epoch, as the
+paper and the release take a random window each time an example is seen), else one
+``eval_window(n, window_k, seed)``. The ``raw`` encoding needs no image codec to read (the
+host only copies bytes); shards can be GZIP/ZLIB-compressed TFRecords (``compression``).
 
 Shards ``<out_dir>/<split>-0000k-of-0000N.tfrecord`` hold contiguous blocks of the items
 (shuffled by ``default_rng([seed, 1])`` on training splits). They are written under
@@ -36,26 +28,41 @@ records and manifest as they were. Manifest keys:
   example's representation, evclip [S, S], eventclip [S, S, 3], eventbind [T, S, S, 3];
   ``event_feature`` ("event_counts" / "event_frames"); ``representation_options`` (the
   ``frames`` function's keyword options); evclip also ``event_counts_shape`` [S, S];
-* ``window`` (the rule in words), ``window_k``, ``sensor_size`` [H, W] (null: each file's
-  max coordinate + 1), ``clamp``, ``seed``.
+* ``window`` (the rule in words), ``window_k``, ``num_windows``, ``sensor_size`` [H, W]
+  (null: each file's max coordinate + 1), ``clamp``, ``seed``;
+* ``encoding`` ("png" | "raw"), ``event_dtype`` (the counts' dtype), ``compression`` (null,
+  "GZIP" or "ZLIB": how the shards are compressed). Manifests without these keys are read as
+  png, uint16, one window, uncompressed.
 
 ``read_manifest`` reads format-1 manifests (Eq. 1 counts only) as ``evclip``. This module
-imports without TensorFlow; the writer and ``parse_example`` import it when called.
+imports without TensorFlow; the writer and ``parse_example`` import it when called. The
+features' encoders and ``parse_example`` live in ``record_codec`` (re-exported here).
 """
 
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from evclip_jax.data.record_codec import (
+    ENCODINGS,
+    EVENT_DTYPES,
+    bytes_feature,
+    encode_events,
+    encode_image,
+    event_shape,
+    teacher_emb_feature,
+)
+from evclip_jax.data.record_codec import encode_png as encode_png  # the record format's
+from evclip_jax.data.record_codec import parse_example as parse_example  # codec, here too
+from evclip_jax.data.record_codec import record_format as record_format
+from evclip_jax.data.record_codec import with_teacher_emb as with_teacher_emb
 from evclip_jax.events import frames
 from evclip_jax.events.io import read_events
 
@@ -66,6 +73,11 @@ TRAIN_SPLIT_PREFIXES = ("train", "pretrain")
 # fixed-count windows (METHOD.md "Related systems"); 1.0 is its white background.
 REPRESENTATION_OPTIONS = {"evclip": {}, "eventclip": {},
                           "eventbind": {"split": "count", "background": 1.0}}
+
+COMPRESSIONS = (None, "GZIP", "ZLIB")
+# What a manifest without the newer keys means (records written before they existed).
+_FORMAT_DEFAULTS = {"encoding": "png", "event_dtype": "uint16", "num_windows": 1,
+                    "compression": None}
 
 _REQUIRED_MANIFEST_KEYS = ("num_examples", "shards", "shard_num_examples", "class_names",
                            "image_size", "split")
@@ -150,16 +162,6 @@ def is_train_split(split: str) -> bool:
     return split.startswith(TRAIN_SPLIT_PREFIXES)
 
 
-def event_shape(representation: str, out_size: int, num_frames: int = 3) -> list[int]:
-    """One example's event representation: evclip [S, S], eventclip [S, S, 3], eventbind
-    [T, S, S, 3] (T = ``num_frames`` >= 1). ValueError on an unknown name."""
-    frames.get_representation(representation)  # ValueError listing the names if unknown
-    if representation == "eventbind" and int(num_frames) < 1:
-        raise ValueError(f"num_frames must be >= 1 for eventbind; got {num_frames}")
-    return {"evclip": [out_size] * 2, "eventclip": [out_size, out_size, 3],
-            "eventbind": [int(num_frames), out_size, out_size, 3]}[representation]
-
-
 # --------------------------------------------------------------------------------------------
 # Per-item conversion.
 
@@ -192,53 +194,42 @@ def load_gray_image(path: str, out_size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def encode_png(array: np.ndarray) -> bytes:
-    """PNG bytes of a 2-D uint8 (8-bit gray) or uint16 (16-bit gray) array."""
-    from PIL import Image
-
-    if array.ndim != 2 or array.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"encode_png expects a 2-D uint8/uint16 array; got {array.dtype} "
-                         f"{array.shape}")
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def encode_frames(array: np.ndarray) -> bytes:
-    """The ``event_frames`` encoding: zlib-compressed little-endian float32, C order."""
-    return zlib.compress(np.ascontiguousarray(array, dtype="<f4").tobytes())
-
-
 def item_events(item: PairedItem, index: int, *, split: str, out_size: int,
                 sensor_size: tuple[int, int] | None, clamp: int | None = None,
                 window_k: int | None, seed: int, representation: str = "evclip",
                 num_frames: int = 3) -> np.ndarray:
-    """What the record of ``items[index]`` stores (window: module docstring): ``evclip`` the
-    clamped Eq. 1 counts (uint16 [S, S]), ``eventclip`` / ``eventbind`` the float32 frames.
-    ``sensor_size`` None means max coord + 1 of the file (N-Caltech101's rule)."""
+    """What the record of ``items[index]`` stores for its first window (module docstring):
+    ``evclip`` the clamped Eq. 1 counts (uint16 [S, S]), ``eventclip`` / ``eventbind`` the
+    float32 frames. ``sensor_size`` None means max coord + 1 of the file (N-Caltech101's
+    rule)."""
+    return item_windows(item, index, split=split, out_size=out_size, sensor_size=sensor_size,
+                        clamp=clamp, window_k=window_k, seed=seed,
+                        representation=representation, num_frames=num_frames)[0]
+
+
+def item_windows(item: PairedItem, index: int, *, split: str, out_size: int,
+                 sensor_size: tuple[int, int] | None, clamp: int | None = None,
+                 window_k: int | None, seed: int, representation: str = "evclip",
+                 num_frames: int = 3, num_windows: int = 1) -> list[np.ndarray]:
+    """``item_events`` of each of the record's windows: ``num_windows`` on training splits
+    (the first is ``item_events``'), one on others."""
     ev = read_events(item.event_path)
     sensor = sensor_size
     if sensor is None:
         sensor = (int(ev["y"].max()) + 1, int(ev["x"].max()) + 1)
-    window = None
+    windows = [None]
     if window_k is not None:
         if is_train_split(split):
-            window = frames.random_window(len(ev), window_k,
-                                          np.random.default_rng([seed, index]))
+            rng = np.random.default_rng([seed, index])
+            windows = [frames.random_window(len(ev), window_k, rng) for _ in range(num_windows)]
         else:
-            window = frames.eval_window(len(ev), window_k, seed)
+            windows = [frames.eval_window(len(ev), window_k, seed)]
     if representation == "evclip":
-        return frames.event_counts(ev, sensor, out_size, clamp=clamp, window=window)
-    return frames.get_representation(representation)(
-        ev, sensor, out_size, window=window, **representation_options(representation, num_frames))
-
-
-def item_counts(item: PairedItem, index: int, *, split: str, out_size: int,
-                sensor_size: tuple[int, int] | None, clamp: int | None, window_k: int | None,
-                seed: int) -> np.ndarray:
-    """The Eq. 1 counts (uint16 [S, S]) an ``evclip`` record stores for ``items[index]``."""
-    return item_events(item, index, split=split, out_size=out_size, sensor_size=sensor_size,
-                       clamp=clamp, window_k=window_k, seed=seed)
+        return [frames.event_counts(ev, sensor, out_size, clamp=clamp, window=w)
+                for w in windows]
+    make = frames.get_representation(representation)
+    options = representation_options(representation, num_frames)
+    return [make(ev, sensor, out_size, window=w, **options) for w in windows]
 
 
 def representation_options(representation: str, num_frames: int = 3) -> dict[str, Any]:
@@ -290,6 +281,9 @@ def write_tfrecords(
     teacher_emb: np.ndarray | None = None,
     representation: str = "evclip",
     num_frames: int = 3,
+    encoding: str = "png",
+    num_windows: int = 1,
+    compression: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Writes paired TFRecord shards and ``<out_dir>/<split>.manifest.json``; returns the manifest.
@@ -299,7 +293,9 @@ def write_tfrecords(
     the others) and the grayscale CLIP-preprocessed image (``load_gray_image``). Training
     splits are shuffled (seeded) before sharding so that every shard, and every host's block
     of records, mixes classes. ``teacher_emb`` rows follow ``items``; ``num_shards`` is capped
-    at ``len(items)``. Errors name the offending file.
+    at ``len(items)``. ``encoding`` "png" or "raw" (no image codec to read), ``num_windows``
+    event windows per record of a training split (others store one), ``compression`` None,
+    "GZIP" or "ZLIB" for the shards. Errors name the offending file.
     """
     import tensorflow as tf
     from tqdm import tqdm
@@ -313,6 +309,14 @@ def write_tfrecords(
     if representation != "evclip" and clamp is not None:
         raise ValueError(f"clamp={clamp}: the count clamp is Eq. 1's (representation "
                          f"'evclip'); expected None for representation {representation!r}")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding={encoding!r}: expected one of {ENCODINGS}")
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression={compression!r}: expected one of {COMPRESSIONS}")
+    num_windows = int(num_windows) if is_train_split(split) else 1
+    if num_windows < 1 or (num_windows > 1 and window_k is None):
+        raise ValueError(f"num_windows={num_windows}: expected >= 1, and window_k set for more "
+                         "than one (whole-file windows are all alike)")
     has_images = _check_items(items, class_names, teacher_emb)
     num_shards = min(num_shards, len(items))
     order = np.arange(len(items))
@@ -321,7 +325,11 @@ def write_tfrecords(
     bounds = [(k * len(items)) // num_shards for k in range(num_shards + 1)]
     settings = {"split": split, "out_size": out_size, "sensor_size": sensor_size,
                 "clamp": clamp, "window_k": window_k, "seed": seed,
-                "representation": representation, "num_frames": num_frames}
+                "representation": representation, "num_frames": num_frames,
+                "num_windows": num_windows}
+    event_dtype = "uint8" if encoding == "raw" and clamp is not None and clamp <= 255 \
+        else "uint16"
+    encode = {"encoding": encoding, "event_dtype": event_dtype}
 
     if not _is_url(out_dir):
         os.makedirs(out_dir, exist_ok=True)
@@ -334,11 +342,11 @@ def write_tfrecords(
             for k in range(num_shards):
                 name = shard_name(split, k, num_shards)
                 partial.append(os.path.join(out_dir, name + PARTIAL_SUFFIX))
-                with tf.io.TFRecordWriter(partial[-1]) as writer:
+                with tf.io.TFRecordWriter(partial[-1], options=compression) as writer:
                     for index in order[bounds[k]:bounds[k + 1]]:
                         item = items[index]
                         writer.write(_example(
-                            tf, item, int(index), settings,
+                            tf, item, int(index), settings, encode,
                             teacher_row=None if teacher_emb is None else teacher_emb[index]))
                         class_counts[int(item.label)] += 1
                         bar.update(1)
@@ -360,10 +368,12 @@ def write_tfrecords(
         "representation": representation, "event_shape": shape,
         "event_feature": "event_counts" if representation == "evclip" else "event_frames",
         "representation_options": representation_options(representation, num_frames),
-        "window": ("random window of window_k events, seeded per item, fixed at write time"
-                   if is_train_split(split) else "eval_window(num_events, window_k, seed)"),
+        "window": ("num_windows random windows of window_k events, seeded per item; the "
+                   "pipeline draws one per epoch" if is_train_split(split)
+                   else "eval_window(num_events, window_k, seed)"),
         "sensor_size": None if sensor_size is None else list(sensor_size), "clamp": clamp,
-        "window_k": window_k, "seed": seed, "shuffled": is_train_split(split),
+        "window_k": window_k, "num_windows": num_windows, "seed": seed,
+        "shuffled": is_train_split(split), **encode, "compression": compression,
     }
     if representation == "evclip":
         manifest["event_counts_shape"] = [out_size, out_size]
@@ -396,50 +406,32 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def _example(tf: Any, item: PairedItem, index: int, settings: dict[str, Any],
-             teacher_row: np.ndarray | None) -> bytes:
+             encode: dict[str, str], teacher_row: np.ndarray | None) -> bytes:
     """One serialized tf.train.Example; errors are re-raised naming the item's files."""
     try:
-        events = item_events(item, index, **settings)
+        windows = item_windows(item, index, **settings)
     except ValueError as e:  # EventFileError is a ValueError
         msg = str(e)
         if not msg.startswith(item.event_path):
             msg = f"{item.event_path}: {msg}"
         raise ValueError(msg) from e
     counts = settings["representation"] == "evclip"
+    values = encode_events(windows, settings["representation"], **encode)
     feature = {
         "event_counts" if counts else "event_frames":
-            _bytes_feature(tf, encode_png(events) if counts else encode_frames(events)),
+            tf.train.Feature(bytes_list=tf.train.BytesList(value=values)),
         "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(item.label)])),
-        "key": _bytes_feature(tf, item.event_path.encode("utf-8")),
+        "key": bytes_feature(tf, item.event_path.encode("utf-8")),
     }
     if item.image_path is not None:
-        feature["image"] = _bytes_feature(tf, encode_png(load_gray_image(
-            item.image_path, settings["out_size"])))
+        image = load_gray_image(item.image_path, settings["out_size"])
+        feature["image"] = bytes_feature(tf, encode_image(image, encode["encoding"]))
     if teacher_row is not None:
-        feature["teacher_emb"] = _teacher_emb_feature(tf, teacher_row)
+        feature["teacher_emb"] = teacher_emb_feature(tf, teacher_row)
     if item.caption is not None:
         # Raw text: tokenising needs the CLIP tokenizer, which lives with the model code.
-        feature["caption"] = _bytes_feature(tf, item.caption.encode("utf-8"))
+        feature["caption"] = bytes_feature(tf, item.caption.encode("utf-8"))
     example = tf.train.Example(features=tf.train.Features(feature=feature))
-    return example.SerializeToString()
-
-
-def _bytes_feature(tf: Any, value: bytes) -> Any:
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-
-def _teacher_emb_feature(tf: Any, teacher_row: np.ndarray) -> Any:
-    return tf.train.Feature(
-        float_list=tf.train.FloatList(value=np.asarray(teacher_row, np.float32).tolist()))
-
-
-def with_teacher_emb(serialized: bytes, teacher_row: np.ndarray) -> bytes:
-    """The serialized record with its ``teacher_emb`` feature set to ``teacher_row`` (float32
-    [D]); every other feature stays as it was."""
-    import tensorflow as tf
-
-    example = tf.train.Example.FromString(serialized)
-    example.features.feature["teacher_emb"].CopyFrom(_teacher_emb_feature(tf, teacher_row))
     return example.SerializeToString()
 
 
@@ -486,6 +478,15 @@ def read_manifest(data_dir: str | os.PathLike, split: str) -> dict:
         raise ValueError(f"{path}: representation {name!r} with event_shape {shape}; expected "
                          f"one of {', '.join(frames.REPRESENTATIONS)} with [S, S], [S, S, 3], "
                          f"[T, S, S, 3] respectively (S = image_size {size})")
+    for key, default in _FORMAT_DEFAULTS.items():
+        manifest.setdefault(key, default)
+    if manifest["encoding"] not in ENCODINGS or manifest["compression"] not in COMPRESSIONS \
+            or manifest["event_dtype"] not in EVENT_DTYPES \
+            or not isinstance(manifest["num_windows"], int) or manifest["num_windows"] < 1:
+        raise ValueError(f"{path}: encoding {manifest['encoding']!r}, compression "
+                         f"{manifest['compression']!r}, event_dtype {manifest['event_dtype']!r}, "
+                         f"num_windows {manifest['num_windows']!r}; expected one of {ENCODINGS}, "
+                         f"one of {COMPRESSIONS}, uint8 or uint16, an int >= 1")
     for shard in manifest["shards"]:
         parts = str(shard).replace("\\", "/").split("/")
         if not isinstance(shard, str) or not shard or os.path.isabs(shard) or _is_url(shard) \
@@ -496,68 +497,3 @@ def read_manifest(data_dir: str | os.PathLike, split: str) -> dict:
         if not _exists(shard):
             raise ValueError(f"{shard}: shard listed in {path} is missing")
     return manifest
-
-
-def parse_example(serialized: Any, out_size: int, with_teacher_emb_dim: int | None = None, *,
-                  has_images: bool = True, representation: str = "evclip",
-                  num_frames: int = 3) -> dict[str, Any]:
-    """Parses one serialized record into tensors (for ``tf.data.Dataset.map``).
-
-    Returns "event_counts" uint16 [S, S] (evclip) or "event_frames" float32 ``event_shape``
-    (eventclip, eventbind), "image" uint8 [S, S] (zeros without images), "label" int32, "key"
-    string and, with ``with_teacher_emb_dim`` D, "teacher_emb" float32 [D]. A missing
-    feature, a PNG of the wrong bit depth or shape or frames of the wrong size raise
-    InvalidArgumentError when the op runs. The label is not range-checked here (the pipeline
-    does, naming the shard and record); values beyond int32 saturate, so they stay out of
-    range.
-    """
-    import tensorflow as tf
-
-    shape = event_shape(representation, out_size, num_frames)
-    feature = "event_counts" if representation == "evclip" else "event_frames"
-    spec = {
-        feature: tf.io.FixedLenFeature([], tf.string),
-        "label": tf.io.FixedLenFeature([], tf.int64),
-        "key": tf.io.FixedLenFeature([], tf.string, default_value=""),
-    }
-    if has_images:
-        spec["image"] = tf.io.FixedLenFeature([], tf.string)
-    if with_teacher_emb_dim is not None:
-        spec["teacher_emb"] = tf.io.FixedLenFeature([with_teacher_emb_dim], tf.float32)
-    feats = tf.io.parse_single_example(serialized, spec)
-
-    if representation == "evclip":
-        events = _decode_gray_png(tf, feats[feature], tf.uint16, out_size, feature)
-    else:
-        raw = tf.io.decode_raw(tf.io.decode_compressed(feats[feature], "ZLIB"), tf.float32,
-                               little_endian=True)
-        events = tf.reshape(raw, shape)  # InvalidArgumentError on a wrong element count
-    if has_images:
-        image = _decode_gray_png(tf, feats["image"], tf.uint8, out_size, "image")
-    else:
-        image = tf.zeros([out_size, out_size], tf.uint8)
-    label = tf.cast(tf.clip_by_value(feats["label"], -1, 2**31 - 1), tf.int32)
-    out = {feature: events, "image": image, "label": label, "key": feats["key"]}
-    if with_teacher_emb_dim is not None:
-        out["teacher_emb"] = feats["teacher_emb"]
-    return out
-
-
-# PNG: 8-byte signature, then the IHDR chunk; bit depth at byte 24, colour type at byte 25.
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _decode_gray_png(tf: Any, data: Any, dtype: Any, out_size: int, name: str) -> Any:
-    """Decodes a 1-channel PNG of the expected bit depth, shape-checked to [S, S]."""
-    depth = b"\x10" if dtype == tf.uint16 else b"\x08"
-    # decode_png silently rescales 8-bit data to uint16 (and the reverse): check the header.
-    checks = [
-        tf.debugging.assert_equal(tf.strings.substr(data, 0, 8), _PNG_SIGNATURE,
-                                  message=f"{name}: not PNG data"),
-        tf.debugging.assert_equal(tf.strings.substr(data, 24, 2), depth + b"\x00",
-                                  message=f"{name}: expected a {8 * dtype.size}-bit gray PNG"),
-    ]
-    with tf.control_dependencies(checks):
-        decoded = tf.io.decode_png(data, channels=1, dtype=dtype)
-    decoded = tf.ensure_shape(decoded, [out_size, out_size, 1])
-    return decoded[..., 0]
