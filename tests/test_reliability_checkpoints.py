@@ -1,7 +1,8 @@
 """Checkpoints are checked, fall back and fail loudly in one line (issue 11, the unclear cases):
 a damaged newest step (truncated file, missing item, another model's shapes, NaN values) is
 named and set aside for the previous complete one, NaN weights are refused at conversion and
-load naming the key, a full disk during an async save is one line with its cause."""
+load naming the key, a full disk during an async save is one line with its cause (through
+main: slow)."""
 
 from __future__ import annotations
 
@@ -136,6 +137,89 @@ def test_nan_weights_refused_at_conversion_and_load(tmp_path):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+    """A workdir as a run of the tiny config leaves it: init/ and checkpoints 4 and 8 of the
+    trained params (built directly, without training)."""
+    run = tmp_path_factory.mktemp("ckpt_workdir") / "run"
+    config = tiny.get_config()
+    clip_config = trainer.model_config(config)
+    params = jax.device_get(step.make_towers(config, clip_config).init(jax.random.key(0)))
+    convert.save_evclip(params, clip_config, run / checkpoints.INIT_DIR)
+    mngr = checkpoints.checkpoint_manager(run)
+    trained = {"event_tower": params["event_tower"], "logit_scale": params["logit_scale"]}
+    for k in (4, 8):
+        shifted = jax.tree.map(lambda x, k=k: x + k, trained)
+        checkpoints.save_state(mngr, k, {"params": shifted})
+    checkpoints.wait_for_saves(mngr)
+    return run
+
+
+def test_trained_model_read_falls_back_past_a_damaged_step(tmp_path, workdir, caplog):
+    """--mode eval / export / EventCLIP.from_pretrained read the newest step that reads,
+    warning about the newer ones; a step asked for by number is not replaced."""
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    config = checkpoints.load_model_config(run)
+    at_8 = checkpoints.restore_trained(run, config)
+    _truncate(run / "checkpoints" / "8")
+    at_4 = checkpoints.restore_trained(run, config)
+    assert str(run / "checkpoints" / "8" / "state") in caplog.text
+    for a, c in zip(jax.tree.leaves(at_4), jax.tree.leaves(at_8), strict=True):
+        np.testing.assert_allclose(a + 4, c, rtol=0, atol=1e-5)  # step 4's values (+4, +8)
+    with pytest.raises(convert.CheckpointError, match=r"checkpoints/8/state: cannot be read"):
+        checkpoints.restore_trained(run, config, step=8)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4", "8"]
+
+
+def test_trained_model_with_nan_refused_naming_the_key(tmp_path, workdir):
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    mngr = checkpoints.checkpoint_manager(run)
+    stored = mngr.restore(8)["state"]
+    stored["params"]["logit_scale"] = np.float32(np.nan)
+    checkpoints.save_state(mngr, 12, stored)
+    checkpoints.wait_for_saves(mngr)
+    config = checkpoints.load_model_config(run)
+    with pytest.raises(convert.CheckpointError, match=r"checkpoints/12/state: key "
+                       r"'logit_scale' holds NaN or infinite values"):
+        checkpoints.restore_trained(run, config, step=12)
+
+
+_FULL_DISK = """
+import resource, signal, sys
+import jax, jax.numpy as jnp
+from evclip_jax import checkpoints
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+mngr = checkpoints.checkpoint_manager(sys.argv[1], async_save=True)
+checkpoints.save_state(mngr, 1, {"w": jnp.ones(3)})
+checkpoints.wait_for_saves(mngr)
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+big = {"w": jax.random.normal(jax.random.key(0), (300, 300))}
+try:
+    checkpoints.save_state(mngr, 2, big)
+    checkpoints.save_state(mngr, 3, big)
+    checkpoints.wait_for_saves(mngr)
+except checkpoints.CheckpointSaveError as e:
+    print(e)
+"""
+
+
+def test_failed_async_save_is_one_line_with_its_cause(tmp_path):
+    """A save that cannot write (a file size limit: EFBIG, as a full disk gives ENOSPC) is
+    one line naming the step dir, the cause and the newest complete step, which stays."""
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    ckpt = tmp_path / checkpoints.CHECKPOINT_DIR
+    assert out.stdout.splitlines() == [
+        f"{ckpt / '2'}: saving the checkpoint failed: File too large (errno 27). The newest "
+        f"complete checkpoint is {ckpt / '1'}"], out.stderr[-3000:]
+    restored = checkpoints.restore_latest(checkpoints.checkpoint_manager(tmp_path),
+                                          {"w": jnp.zeros(3)})
+    assert restored[1]["step"] == 1 and np.all(np.asarray(restored[0]["w"]) == 1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
     """A tiny run of 8 steps with checkpoints 4 and 8 (in-process)."""
     root = tmp_path_factory.mktemp("ckpt_run")
     c = tiny.get_config()
@@ -149,33 +233,12 @@ def workdir(tmp_path_factory):
     return root / "run"
 
 
-def test_trained_model_read_falls_back_past_a_damaged_step(tmp_path, workdir, caplog):
-    """--mode eval / export / EventCLIP.from_pretrained read the newest step that reads,
-    warning about the newer ones, and refuse NaN weights naming the key."""
+@pytest.mark.slow
+def test_full_disk_during_a_run_is_one_line(tmp_path, trained):
+    """Through main: the failed save ends the run with one line on stderr (no Orbax or
+    asyncio tracebacks), exit 1, and the earlier checkpoints stay."""
     run = tmp_path / "run"
-    shutil.copytree(workdir, run)
-    config, _, _ = checkpoints.load_model(run)
-    at_8 = checkpoints.restore_trained(run, config)
-    _truncate(run / "checkpoints" / "8")
-    at_4 = checkpoints.restore_trained(run, config)
-    assert str(run / "checkpoints" / "8" / "state") in caplog.text
-    stored = checkpoints.checkpoint_manager(workdir).restore(4)["state"]["params"]
-    stored = {k: stored[k] for k in at_4}
-    for a, b in zip(jax.tree.leaves(at_4), jax.tree.leaves(stored), strict=True):
-        np.testing.assert_array_equal(a, b)  # step 4's values, not step 8's
-    assert any(np.abs(a - c).max() > 0 for a, c in zip(jax.tree.leaves(at_4),
-                                                      jax.tree.leaves(at_8), strict=True))
-    with pytest.raises(convert.CheckpointError, match=r"checkpoints/8/state: cannot be read"):
-        checkpoints.restore_trained(run, config, step=8)
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4", "8"]
-
-
-def test_full_disk_during_async_save_is_one_line(tmp_path, workdir):
-    """A save that cannot write (here: a file size limit, EFBIG, as a full disk gives ENOSPC)
-    ends the run with one line naming the step dir, the cause and the newest complete step;
-    the earlier checkpoints stay."""
-    run = tmp_path / "run"
-    shutil.copytree(workdir, run)
+    shutil.copytree(trained, run)
     kept = {p.name: sorted(q.name for q in p.rglob("*")) for p in (run / "checkpoints").iterdir()}
     limit = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
              " resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000));"
@@ -185,7 +248,7 @@ def test_full_disk_during_async_save_is_one_line(tmp_path, workdir):
            "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
         [sys.executable, "-c", limit, f"--config={TINY}", f"--workdir={run}",
-         f"--config.data.dir={workdir.parent / 'data'}", "--config.num_train_steps=16",
+         f"--config.data.dir={trained.parent / 'data'}", "--config.num_train_steps=16",
          "--allow_config_change"], cwd=REPO, env=env, capture_output=True, text=True,
         timeout=600)
     assert out.returncode == 1, out.stderr[-4000:]
