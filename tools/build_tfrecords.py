@@ -11,12 +11,17 @@ Per-layout defaults (METHOD.md): window_k 30000/30000/2000, clamp None/20/10, se
 per-file max coordinate + 1 / 34x34. --representation picks what the records store: evclip
 (paper Eq. 1 counts, the default), eventclip (EventCLIP histogram) or eventbind
 (--num_frames EventBind frames of fixed-count windows); the clamp applies to evclip only.
+--encoding=raw stores the arrays' bytes (no image codec to read: the host only copies them),
+--compression=GZIP|ZLIB compresses the shards (smaller, at a CPU cost per read), and
+--windows=K stores K random event windows per training record (the pipeline draws one per
+epoch, as the paper takes a random window each time an example is seen; other splits keep
+the one fixed evaluation window). tools/bench_data.py measures bytes and host cost of each.
 
     python tools/build_tfrecords.py --layout=nimagenet --event_root=/data/N_Imagenet \
       --source_split=extracted_train --image_root=/data/imagenet --image_split=train \
       --split=train --classes=pretrain \
       --synset_mapping=/data/LOC_synset_mapping.txt --out_dir=/data/tfr/nimagenet_mini \
-      --num_shards=64
+      --num_shards=64 --encoding=raw --windows=4
     python tools/build_tfrecords.py --layout=ncaltech101 --event_root=/data/N-Caltech101 \
       --out_dir=/data/tfr/ncaltech101 --split=test
 """
@@ -64,6 +69,11 @@ _CLASS_NAMES = flags.DEFINE_string("class_names", None,
 _REPRESENTATION = flags.DEFINE_enum("representation", "evclip", list(frames.REPRESENTATIONS),
                                     "event representation the records store")
 _NUM_FRAMES = flags.DEFINE_integer("num_frames", 3, "eventbind: frames per example")
+_ENCODING = flags.DEFINE_enum("encoding", "png", list(records.ENCODINGS),
+                              "png: PNG counts and images; raw: their bytes (no codec to read)")
+_COMPRESSION = flags.DEFINE_enum("compression", "none", ["none", "GZIP", "ZLIB"],
+                                 "TFRecord shard compression")
+_WINDOWS = flags.DEFINE_integer("windows", 1, "event windows per record of a training split")
 
 # layout -> (window_k, clamp, sensor_size (H, W))
 LAYOUT_DEFAULTS = {
@@ -114,7 +124,8 @@ def main(argv: list[str]) -> None:
         sensor = tuple(int(s) for s in _SENSOR.value)
     items, class_names = _items()
     print(f"{len(items)} items, {len(class_names)} classes; representation="
-          f"{_REPRESENTATION.value} window_k={window_k} clamp={clamp} "
+          f"{_REPRESENTATION.value} window_k={window_k} windows={_WINDOWS.value} clamp={clamp} "
+          f"encoding={_ENCODING.value} compression={_COMPRESSION.value} "
           f"sensor_size={sensor or 'per-file max + 1'} out_size={_OUT_SIZE.value}")
     start = time.perf_counter()
     try:
@@ -122,7 +133,9 @@ def main(argv: list[str]) -> None:
             items, _OUT_DIR.value, class_names=class_names, out_size=_OUT_SIZE.value,
             sensor_size=sensor, clamp=clamp, window_k=window_k, num_shards=_NUM_SHARDS.value,
             split=_SPLIT.value, seed=_SEED.value, representation=_REPRESENTATION.value,
-            num_frames=_NUM_FRAMES.value, progress=True)
+            num_frames=_NUM_FRAMES.value, encoding=_ENCODING.value,
+            compression=None if _COMPRESSION.value == "none" else _COMPRESSION.value,
+            num_windows=_WINDOWS.value, progress=True)
     except ValueError as e:  # a bad item or setting, named; nothing was published
         sys.exit(f"error: {e}\nThe records of split {_SPLIT.value!r} in {_OUT_DIR.value} are as "
                  "they were before this build (shards are published with their manifest, last).")

@@ -63,8 +63,8 @@ from evclip_jax.data.records import manifest_path, parse_example, read_manifest,
 _plain = tf.autograph.experimental.do_not_convert
 DEFAULT_SHUFFLE_BUFFER = 10_000
 PAD_LABEL = -1
-_DECODE_GROUP = 32  # records per error-catching decode group (at most 63: an int64 bitmask)
-_BOOKKEEPING = ("pos", "bad", "bad_shard", "bad_index", "shard")
+# What Checks.example reads beside the batch fields; dropped per batch.
+_BOOKKEEPING = ("pos", "bad", "bad_shard", "bad_index", "shard", "lost")
 DEFAULT_STALL_TIMEOUT_S = 600.0
 _POLL_S = 0.2  # how often a waiting consumer looks at its interrupt flag
 
@@ -166,7 +166,8 @@ def make_dataset(
     counter = bad_records if bad_records is not None else BadRecordCounter()
     checks = Checks(skip_bad_records, counter, num_classes=len(manifest["class_names"]),
                      max_bad=max_bad_fraction, epoch_records=host_records)
-    reader = _Reader(pieces, seed=seed, train=train, shuffle_buffer=shuffle_buffer,
+    decode = _Decoder(manifest, emb_dim=emb_dim, seed=seed, train=train)
+    reader = _Reader(pieces, decode, seed=seed, train=train, shuffle_buffer=shuffle_buffer,
                      checks=checks, compression=manifest["compression"] or "")
 
     if train:
@@ -176,24 +177,11 @@ def make_dataset(
 
     def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
         records = reader.epoch(epoch)
-        # Resume: drop the records of the first epoch that earlier steps consumed, before
-        # any parsing.
+        # Resume: drop the examples of the first epoch that earlier steps consumed.
         return records.skip(tf.where(epoch == first_epoch, tf.constant(skip_first, tf.int64),
                                      tf.constant(0, tf.int64)))
 
-    records = epochs.flat_map(_plain(epoch_records))
-
-    decode = _Decoder(manifest, emb_dim=emb_dim, seed=seed, train=train)
-
-    # Records are decoded in groups of _DECODE_GROUP (see _decode_group: per-record errors are
-    # caught, counted and named). block_length > group size keeps the record order whatever
-    # cycle_length the autotuner picks; groups decode in parallel.
-    ds = records.batch(_DECODE_GROUP).interleave(
-        _plain(lambda group: _decode_group(group, decode)), cycle_length=tf.data.AUTOTUNE,
-        block_length=_DECODE_GROUP + 1, num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=deterministic)
-    ds = ds.filter(_plain(checks.example))
-    ds = ds.map(_plain(lambda ex: {k: v for k, v in ex.items() if k not in _BOOKKEEPING}))
+    ds = epochs.flat_map(_plain(epoch_records))
 
     if train:
         ds = ds.batch(batch, drop_remainder=True)
@@ -202,6 +190,8 @@ def make_dataset(
         num_batches = math.ceil(math.ceil(num_examples / pcount) / batch)
         ds = ds.concatenate(tf.data.Dataset.from_tensors(decode.padding()).repeat())
         ds = ds.batch(batch, drop_remainder=True).take(num_batches)
+    # Per batch, not per record: the decode bookkeeping goes.
+    ds = ds.map(_plain(lambda b: {k: v for k, v in b.items() if k not in _BOOKKEEPING}))
     options = tf.data.Options()
     options.deterministic = deterministic
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
@@ -330,15 +320,24 @@ def _host_pieces(data_dir: str, manifest: Mapping[str, Any], pindex: int,
 
 
 class _Reader:
-    """One epoch of raw records of this host: {"serialized", "index", "shard", "epoch"}."""
+    """One epoch of this host's decoded examples (``_Decoder``), bad ones checked and dropped.
 
-    def __init__(self, pieces: list[tuple[str, int, int, int]], *, seed: int, train: bool,
-                 shuffle_buffer: int, checks: Checks, compression: str) -> None:
+    Each shard piece is read, numbered and decoded record by record with decoding errors
+    dropped; a gap in the numbering (a record that failed to decode, or the records a corrupt
+    or truncated shard never delivered, found by an end-of-piece sentinel) is reported
+    through ``Checks.lost`` naming the shard, and labels outside the classes through
+    ``Checks.example``. Few stages per record: each one costs CPU on every sample.
+    """
+
+    def __init__(self, pieces: list[tuple[str, int, int, int]], decode: _Decoder, *,
+                 seed: int, train: bool, shuffle_buffer: int, checks: Checks,
+                 compression: str) -> None:
         self.files = tf.constant([p[0] for p in pieces])
         self.starts = tf.constant([p[1] for p in pieces], tf.int64)
         self.counts = tf.constant([p[2] for p in pieces], tf.int64)
         self.offsets = tf.constant([p[3] for p in pieces], tf.int64)
         self.num_pieces = len(pieces)
+        self.decode = decode
         self.seed = seed
         self.train = train
         self.shuffle_buffer = shuffle_buffer
@@ -354,37 +353,40 @@ class _Reader:
         ds = tf.data.Dataset.from_tensor_slices(pieces)
         # Training mixes up to 16 pieces record by record; evaluation reads them in order.
         cycle = min(self.num_pieces, 16) if self.train else 1
-        ds = ds.interleave(_plain(self._piece), cycle_length=cycle, block_length=1,
+        ds = ds.interleave(_plain(lambda *piece: self._piece(*piece, epoch)),
+                           cycle_length=cycle, block_length=1,
                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         if self.train:
             shuffle_seed = tf.random.stateless_uniform([], _fold(self.seed, 2, epoch),
                                                        minval=0, maxval=2**62, dtype=tf.int64)
             ds = ds.shuffle(self.shuffle_buffer, seed=shuffle_seed)
-        return ds.map(_plain(lambda r: {**r, "epoch": epoch}))
+        return ds
 
-    def _piece(self, path: tf.Tensor, start: tf.Tensor, count: tf.Tensor,
-               offset: tf.Tensor) -> tf.data.Dataset:
+    def _piece(self, path: tf.Tensor, start: tf.Tensor, count: tf.Tensor, offset: tf.Tensor,
+               epoch: tf.Tensor) -> tf.data.Dataset:
         # A corrupt record makes TFRecordDataset raise DataLossError (without the file name)
-        # and a truncated file just ends early; ignore_errors() ends the piece at the damage
-        # and the end-of-piece sentinel below finds how many records never arrived. A missing
-        # file would make ignore_errors() retry the open forever: it is checked first.
+        # and a truncated file just ends early; ignore_errors() ends the piece at the damage.
+        # A missing file would make ignore_errors() retry the open forever: checked first.
         records = tf.data.TFRecordDataset(existing(path), compression_type=self.compression)
-        records = records.ignore_errors().skip(start).take(count)
-        records = records.map(_plain(lambda s: {"serialized": s,
-                                                "index": tf.constant(0, tf.int64)}))
-        sentinel = tf.data.Dataset.from_tensors({"serialized": tf.constant(""),
-                                                 "index": tf.constant(-1, tf.int64)})
+        records = records.ignore_errors().skip(start).take(count).enumerate()
+        examples = records.map(
+            _plain(lambda i, s: self.decode(s, offset + i, epoch, path)),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+        # The sentinel's index is the piece's end: the gap before it counts what never came.
+        sentinel = {**self.decode.padding(), "index": tf.cast(offset + count, tf.int32),
+                    "pos": tf.constant(-1, tf.int64), "shard": path}
+        ds = examples.concatenate(tf.data.Dataset.from_tensors(sentinel))
 
-        def number(seen: tf.Tensor, rec: dict[str, tf.Tensor]) -> tuple[tf.Tensor, dict]:
-            end = rec["index"] < 0
-            index = tf.where(end, tf.constant(-1, tf.int64), offset + seen)
-            return seen + 1, {"serialized": rec["serialized"], "index": index,
-                              "lost": tf.where(end, count - seen, tf.constant(0, tf.int64))}
+        def gaps(last: tf.Tensor, ex: dict[str, tf.Tensor]) -> tuple[tf.Tensor, dict]:
+            index = tf.cast(ex["index"], tf.int64)
+            end = ex["pos"] < 0
+            ex = {**ex, "lost": index - last - 1,
+                  "index": tf.where(end, tf.constant(-1, tf.int32), ex["index"])}
+            return index, ex
 
-        ds = records.concatenate(sentinel).scan(tf.constant(0, tf.int64), _plain(number))
-        ds = ds.filter(_plain(lambda rec: self.checks.lost(rec, path)))
-        return ds.map(_plain(lambda rec: {"serialized": rec["serialized"],
-                                          "index": rec["index"], "shard": path}))
+        ds = ds.scan(offset - 1, _plain(gaps))
+        return ds.filter(_plain(lambda ex: tf.logical_and(self.checks.lost(ex, path),
+                                                          self.checks.example(ex))))
 
 
 def _fold(seed: int, stream: int, value: tf.Tensor) -> tf.Tensor:
@@ -399,8 +401,9 @@ def _fold(seed: int, stream: int, value: tf.Tensor) -> tf.Tensor:
 
 class _Decoder:
     """Record -> example: the event window (drawn per epoch in training), the gray image, label,
-    mask, global index, epoch[, teacher_emb] (the batch contract), and the record's position
-    in its decode group ("pos") and shard."""
+    mask, global index, epoch[, teacher_emb] (the batch contract), and the bookkeeping that
+    ``Checks`` reads (its shard; "pos" -1 marks a piece's end, "lost" the records missing
+    before it)."""
 
     def __init__(self, manifest: Mapping[str, Any], *, emb_dim: int | None, seed: int,
                  train: bool) -> None:
@@ -415,60 +418,35 @@ class _Decoder:
         self.seed = seed
         self.train = train
 
-    def __call__(self, rec: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    def __call__(self, serialized: tf.Tensor, index: tf.Tensor, epoch: tf.Tensor,
+                 shard: tf.Tensor) -> dict[str, tf.Tensor]:
         window = tf.constant(0, tf.int64)
         if self.train and self.num_windows > 1:
             # One window per (seed, epoch, record): the paper's random window per visit.
-            draw = _fold(self.seed, 4, rec["epoch"] * self.num_examples + rec["index"])
+            draw = _fold(self.seed, 4, epoch * self.num_examples + index)
             window = tf.random.stateless_uniform([], draw, minval=0, maxval=self.num_windows,
                                                  dtype=tf.int64)
-        parsed = parse_example(rec["serialized"], self.size, self.emb_dim, window=window,
+        parsed = parse_example(serialized, self.size, self.emb_dim, window=window,
                                **self.format)
         events = parsed["event_counts" if "event_counts" in parsed else "event_frames"]
-        out = {"events": events, "images": parsed["image"], "labels": parsed["label"],
-               "mask": tf.constant(True), "index": tf.cast(rec["index"], tf.int32),
-               "epoch": tf.cast(rec["epoch"], tf.int32)}
+        out = {**self.padding(), "events": events, "images": parsed["image"],
+               "labels": parsed["label"], "mask": tf.constant(True),
+               "index": tf.cast(index, tf.int32), "epoch": tf.cast(epoch, tf.int32),
+               "shard": shard}
         if self.emb_dim:
             out["teacher_emb"] = parsed["teacher_emb"]
-        out.update(pos=rec["pos"], shard=rec["shard"])
         return out
 
     def padding(self) -> dict[str, tf.Tensor]:
-        """An empty example (zero events, black image) with mask False (eval padding)."""
+        """An empty example (zero events, black image) with mask False (eval padding), with
+        the bookkeeping of a good record."""
         out = {"events": tf.zeros(self.event_shape, self.event_dtype),
                "images": tf.zeros([self.size] * 2, tf.uint8),
                "labels": tf.constant(PAD_LABEL, tf.int32), "mask": tf.constant(False),
-               "index": tf.constant(-1, tf.int32), "epoch": tf.constant(0, tf.int32)}
+               "index": tf.constant(-1, tf.int32), "epoch": tf.constant(0, tf.int32),
+               "pos": tf.constant(0, tf.int64), "shard": tf.constant(""),
+               "bad": tf.constant(0, tf.int64), "bad_shard": tf.constant(""),
+               "bad_index": tf.constant(-1, tf.int64), "lost": tf.constant(0, tf.int64)}
         if self.emb_dim:
             out["teacher_emb"] = tf.zeros([self.emb_dim])
         return out
-
-    def end_marker(self) -> dict[str, tf.Tensor]:
-        """Closes a decode group (pos -1)."""
-        return {**self.padding(), "pos": tf.constant(-1, tf.int64), "shard": tf.constant("")}
-
-
-def _decode_group(group: dict[str, tf.Tensor], decode: _Decoder) -> tf.data.Dataset:
-    """Decodes a group of records in order, dropping those whose decoding fails (bad PNG or
-    frames, wrong shape, missing feature) and closing with a marker that reports how many failed and
-    the shard and global index of the first failure."""
-    n = tf.shape(group["index"], out_type=tf.int64)[0]
-    records = tf.data.Dataset.from_tensor_slices({**group, "pos": tf.range(n)})
-    decoded = records.map(_plain(decode)).ignore_errors()
-    ends = tf.data.Dataset.from_tensors(decode.end_marker())
-
-    def track(received: tf.Tensor, ex: dict[str, tf.Tensor]) -> tuple[tf.Tensor, dict]:
-        is_end = ex["pos"] < 0
-        bit = tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.maximum(ex["pos"], 0))
-        got = tf.bitwise.bitwise_and(tf.bitwise.right_shift(received, tf.range(n)), 1)
-        missing = tf.reshape(tf.where(tf.equal(got, 0)), [-1])
-        first = tf.concat([missing, tf.zeros([1], tf.int64)], 0)[0]
-        report = {
-            "bad": tf.where(is_end, tf.size(missing, out_type=tf.int64),
-                            tf.constant(0, tf.int64)),
-            "bad_shard": tf.where(is_end, group["shard"][first], ""),
-            "bad_index": tf.where(is_end, group["index"][first], tf.constant(-1, tf.int64)),
-        }
-        return tf.bitwise.bitwise_or(received, bit), {**ex, **report}
-
-    return decoded.concatenate(ends).scan(tf.constant(0, tf.int64), _plain(track))
