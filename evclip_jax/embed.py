@@ -13,7 +13,7 @@ Event representations (``config.data.representation``; the records say which the
   initialisation); the temporal encoder takes the T frames together.
 
 Grey paired images are CLIP-preprocessed: 0..255 -> / 255 -> CLIP mean/std, 3 channels.
-The tf.data pipeline has tf twins of these maps, tested against the functions here.
+The input pipeline applies these very functions on the device (``data/device_prep.py``).
 """
 
 from __future__ import annotations

@@ -7,17 +7,18 @@ r"""Input-pipeline cost: host CPU per sample by record encoding, and the device-
     paired TFRecords at --out_size, for each of --encodings: ``png`` (16-bit PNG counts, 8-bit
     PNG image), ``raw`` (uint16 counts and uint8 image bytes), ``raw_gzip`` / ``raw_zlib``
     (raw in GZIP/ZLIB-compressed TFRecords). Synthetic records (random events, random-noise
-    images: noise is the worst case for PNG and for compression) written with
-    ``write_tfrecords``. Reported: bytes per record on disk and samples per wall second and
-    per CPU second of this process (the per-core rate, robust to other jobs on the machine),
-    with tf.data limited to 1 thread and with its default pool. The host does parse + decode +
+    images: noise is the worst case for PNG and for compression; --num_records records in 4
+    shards, made from at most 64 distinct source pairs) written with ``write_tfrecords``.
+    Reported: bytes per record on disk and samples per wall second and per CPU second of this
+    process (the per-core rate, robust to other jobs on the machine), with tf.data limited to
+    1 thread and with its default pool. The host does parse + decode +
     batch only; the augmentation runs on the device (c).
 (c) ``device_prep.prepare`` with the release augmentation, jitted on the first JAX device
     (the GPU where there is one), on a batch of --prep_batch integer examples: ms per batch.
     Compare it with the train step's time (tools/bench_train_step.py) for its share.
     --prep_only runs (c) alone (no TensorFlow needed).
 
-    python tools/bench_data.py --num_records=128 --seconds=15 --windows=4
+    python tools/bench_data.py --num_records=1024 --seconds=15 --windows=4
     python tools/bench_data.py --prep_only --prep_batch=256   # on the GPU machine
 """
 
@@ -34,7 +35,7 @@ from evclip_jax.events.frames import REPRESENTATIONS
 ENCODINGS = {"png": ("png", None), "raw": ("raw", None), "raw_gzip": ("raw", "GZIP"),
              "raw_zlib": ("raw", "ZLIB")}
 
-_NUM_RECORDS = flags.DEFINE_integer("num_records", 128, "synthetic TFRecords to write")
+_NUM_RECORDS = flags.DEFINE_integer("num_records", 1024, "synthetic TFRecords to write")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "per-host batch size for the tf.data run")
 _SECONDS = flags.DEFINE_float("seconds", 15.0, "measuring time per tf.data run")
 _OUT_SIZE = flags.DEFINE_integer("out_size", 224, "frame/image side")
@@ -84,8 +85,9 @@ def bench_event_frame(seconds: float = 5.0) -> tuple[float, float]:
     return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
 
 
-def write_sources(src: str, num_records: int, window_k: int) -> list:
-    """Random events (.npz, 2 * window_k each) and random RGB images (.png)."""
+def write_sources(src: str, num_records: int, window_k: int, distinct: int = 64) -> list:
+    """``num_records`` pairs of random events (.npz, 2 * window_k each) and random RGB images
+    (.png), ``distinct`` files of each, reused in turn."""
     import numpy as np
     from PIL import Image
 
@@ -96,10 +98,12 @@ def write_sources(src: str, num_records: int, window_k: int) -> list:
     os.makedirs(src)
     items = []
     for i in range(num_records):
-        event_path = os.path.join(src, f"{i:05d}.npz")
-        image_path = os.path.join(src, f"{i:05d}.png")
-        write_events(event_path, _random_events(rng, 2 * window_k))
-        Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(image_path)
+        event_path = os.path.join(src, f"{i % distinct:05d}.npz")
+        image_path = os.path.join(src, f"{i % distinct:05d}.png")
+        if i < distinct:
+            write_events(event_path, _random_events(rng, 2 * window_k))
+            image = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+            Image.fromarray(image).save(image_path)
         items.append(PairedItem(event_path, image_path, i % 10))
     return items
 
