@@ -189,7 +189,9 @@ def load_file(path: str | os.PathLike, options: FileOptions = FileOptions(),
     if groups is None:
         _refuse_clip_path(path, options, clip is not None)
         config = _infer_config(state, path, options)
-        return config, openai_clip.to_params(state, config, path)
+        params = openai_clip.to_params(state, config, path)
+        convert.check_finite(params, path)  # NaN weights are refused by key, as for a model dir
+        return config, params
     if clip is not None:
         (config, params), where = (clip[0], dict(clip[1])), options.clip_path
     else:
@@ -204,6 +206,7 @@ def load_file(path: str | os.PathLike, options: FileOptions = FileOptions(),
         raise CheckpointError(f"{event_where}: the event tower has {sizes}; the CLIP of {where} "
                               f"has {want}")
     params["event_tower"] = openai_clip.to_params(event_state, config, event_where)["image_tower"]
+    convert.check_finite(params, path)
     return config, params
 
 

@@ -267,6 +267,9 @@ def test_bad_files_name_the_file_and_what_was_expected(reference, tmp_path):
                               "an HF CLIP state dict; give the HF dir"),
         "queue.pt": ({"checkpoint": {"encoder_k.x": torch.zeros(1), "queue": torch.zeros(1)}},
                      r"key 'queue' in a release checkpoint"),
+        "nan.pt": ({**state, "ln_final.weight": torch.full_like(state["ln_final.weight"],
+                                                                float("nan"))},
+                   r"key 'text_tower/text_model/final_layer_norm/scale' holds NaN or infinite"),
     }
     for name, (content, message) in cases.items():
         torch.save(content, tmp_path / name)
