@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from evclip_jax import checkpoints, config_base, embed, sharding, step
-from evclip_jax.data import records
+from evclip_jax.data import record_codec, records
 from evclip_jax.models.clip import CLIPConfig
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "folder of the record splits")
@@ -93,7 +93,8 @@ def write_split(data_dir: str, split: str, embed_images: Embedder, *, batch_size
                          f"takes {image_size} px")
 
     def parse(serialized):
-        parsed = records.parse_example(serialized, size, **records.record_format(manifest))
+        parsed = record_codec.parse_example(serialized, size,
+                                            **record_codec.record_format(manifest))
         return serialized, parsed["image"]
 
     partial, emb_dim = [], None
@@ -136,7 +137,7 @@ def _write_shard(shard: str, batches, embed_images: Embedder, writer, batch_size
     def write(serialized, emb) -> None:
         emb = np.asarray(emb)[:len(serialized)]
         for record, row in zip(serialized, emb, strict=True):
-            writer.write(records.with_teacher_emb(record, row))
+            writer.write(record_codec.with_teacher_emb(record, row))
         bar.update(len(serialized))
 
     try:

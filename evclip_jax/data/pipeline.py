@@ -56,7 +56,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from evclip_jax.data import device_prep
 from evclip_jax.data.bad_records import BadRecordCounter, Checks, existing, readable
 from evclip_jax.data.bad_records import BadRecordError as BadRecordError  # raised through here
-from evclip_jax.data.records import manifest_path, parse_example, read_manifest, record_format
+from evclip_jax.data.record_codec import parse_example, record_format
+from evclip_jax.data.records import manifest_path, read_manifest
 
 # Functions given to tf.data hold no Python control flow on tensors: skip AutoGraph's
 # source conversion, which costs seconds of tracing per dataset.

@@ -2,14 +2,12 @@
 
 One record holds one (event window, image) pair already reduced to what training reads, so
 the input pipeline decodes a few small buffers per example instead of a whole event file.
-Record features: ``record_codec`` (their encodings and parser).
-
-Event windows: the whole file if ``window_k`` is None; on training splits (``train*``,
-``pretrain*``) ``num_windows`` ``random_window`` s of ``window_k`` events drawn one after the
-other from ``default_rng([seed, item index])`` (the pipeline draws one per epoch, as the
-paper and the release take a random window each time an example is seen), else one
-``eval_window(n, window_k, seed)``. The ``raw`` encoding needs no image codec to read (the
-host only copies bytes); shards can be GZIP/ZLIB-compressed TFRecords (``compression``).
+Record features, their encodings (png, or raw: no codec to read) and parser: ``record_codec``
+(re-exported here). Event windows: the whole file if ``window_k`` is None; on training splits
+(``train*``, ``pretrain*``) ``num_windows`` ``random_window`` s of ``window_k`` events drawn
+one after the other from ``default_rng([seed, item index])`` (the pipeline draws one per
+epoch, as the paper takes a random window each time an example is seen), else one
+``eval_window(n, window_k, seed)``. Shards may be GZIP/ZLIB-compressed (``compression``).
 
 Shards ``<out_dir>/<split>-0000k-of-0000N.tfrecord`` hold contiguous blocks of the items
 (shuffled by ``default_rng([seed, 1])`` on training splits). They are written under
@@ -35,8 +33,7 @@ records and manifest as they were. Manifest keys:
   png, uint16, one window, uncompressed.
 
 ``read_manifest`` reads format-1 manifests (Eq. 1 counts only) as ``evclip``. This module
-imports without TensorFlow; the writer and ``parse_example`` import it when called. The
-features' encoders and ``parse_example`` live in ``record_codec`` (re-exported here).
+imports without TensorFlow; the writer and ``parse_example`` import it when called.
 """
 
 from __future__ import annotations
@@ -61,8 +58,6 @@ from evclip_jax.data.record_codec import (
 )
 from evclip_jax.data.record_codec import encode_png as encode_png  # the record format's
 from evclip_jax.data.record_codec import parse_example as parse_example  # codec, here too
-from evclip_jax.data.record_codec import record_format as record_format
-from evclip_jax.data.record_codec import with_teacher_emb as with_teacher_emb
 from evclip_jax.events import frames
 from evclip_jax.events.io import read_events
 
@@ -73,7 +68,6 @@ TRAIN_SPLIT_PREFIXES = ("train", "pretrain")
 # fixed-count windows (METHOD.md "Related systems"); 1.0 is its white background.
 REPRESENTATION_OPTIONS = {"evclip": {}, "eventclip": {},
                           "eventbind": {"split": "count", "background": 1.0}}
-
 COMPRESSIONS = (None, "GZIP", "ZLIB")
 # What a manifest without the newer keys means (records written before they existed).
 _FORMAT_DEFAULTS = {"encoding": "png", "event_dtype": "uint16", "num_windows": 1,
@@ -156,8 +150,16 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
     return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
+def window_rule(split: str) -> str:
+    """The manifest's ``window``: how the split's records chose their event windows."""
+    if is_train_split(split):
+        return ("num_windows random windows of window_k events, seeded per item; the pipeline "
+                "draws one per epoch")
+    return "eval_window(num_events, window_k, seed)"
+
+
 def is_train_split(split: str) -> bool:
-    """Training splits (``train*``, ``pretrain*``) store a seeded random window per item and
+    """Training splits (``train*``, ``pretrain*``) store seeded random windows per item and
     are shuffled at write time; other splits store ``eval_window`` and keep item order."""
     return split.startswith(TRAIN_SPLIT_PREFIXES)
 
@@ -368,9 +370,7 @@ def write_tfrecords(
         "representation": representation, "event_shape": shape,
         "event_feature": "event_counts" if representation == "evclip" else "event_frames",
         "representation_options": representation_options(representation, num_frames),
-        "window": ("num_windows random windows of window_k events, seeded per item; the "
-                   "pipeline draws one per epoch" if is_train_split(split)
-                   else "eval_window(num_events, window_k, seed)"),
+        "window": window_rule(split),
         "sensor_size": None if sensor_size is None else list(sensor_size), "clamp": clamp,
         "window_k": window_k, "num_windows": num_windows, "seed": seed,
         "shuffled": is_train_split(split), **encode, "compression": compression,

@@ -184,9 +184,7 @@ class _EventBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             else "event_frames",
             "representation_options": records.representation_options(cfg.representation,
                                                                       cfg.num_frames),
-            "window": ("random window of window_k events, seeded per item, fixed at write time"
-                       if records.is_train_split(split)
-                       else "eval_window(num_events, window_k, seed)"),
+            "window": records.window_rule(split),
             "sensor_size": None if cfg.sensor_size is None else list(cfg.sensor_size),
             "clamp": cfg.clamp, "window_k": cfg.window_k, "seed": cfg.seed,
             "source": f"tfds {self.info.full_name}",
