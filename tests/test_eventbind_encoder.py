@@ -167,6 +167,7 @@ def test_htca_step_freezes_the_towers_and_moves_encoder_and_prompts():
     assert any("text_prompts/context" in k for k in opt)
 
 
+@pytest.mark.slow
 def test_step_on_eight_devices_equals_one():
     """Loss and params after one step: 8 fake devices (data 2, fsdp 2, tensor 2) against one.
     Tolerance as tests/test_step.py: reductions run in another order on another layout."""

@@ -120,13 +120,13 @@ def test_htca_with_each_events_class_texts_against_numpy():
     loss_fn = objectives.make_loss_fn(objective, towers, c.loss)
     loss, terms = jax.jit(loss_fn)(trainable, frozen, classes, batch, 0)
 
-    e = embed.l2_normalize_f64(embed.embed_vision(towers.event, params["event_tower"],
-                                                  batch["events"]))
-    v = embed.l2_normalize_f64(embed.embed_vision(towers.vision, params["image_tower"],
-                                                  batch["images"]))
-    t = np.asarray(prompts.class_text(towers, trainable["text_prompts"], params["text_tower"],
-                                      classes["ids"], classes["context"],
-                                      e.astype(np.float32)), np.float64)
+    e = embed.l2_normalize_f64(jax.jit(embed.embed_vision, static_argnums=0)(
+        towers.event, params["event_tower"], batch["events"]))
+    v = embed.l2_normalize_f64(jax.jit(embed.embed_vision, static_argnums=0)(
+        towers.vision, params["image_tower"], batch["images"]))
+    t = np.asarray(jax.jit(lambda p, q: prompts.class_text(
+        towers, p, params["text_tower"], classes["ids"], classes["context"], q))(
+            trainable["text_prompts"], e.astype(np.float32)), np.float64)
     s, y = np.exp(float(trainable["logit_scale"])), batch["labels"]
 
     def log_softmax(z):

@@ -93,12 +93,12 @@ class Towers:
         if self.config.event_encoder == "eventbind" and "temporal_embedding" not in event[
                 "vision_model"]:
             frames = jnp.zeros((1, self.config.num_frames, *self.dummy_inputs()[0].shape[1:]))
-            temporal = self.event.init(k_event, frames)["params"]
+            temporal = jax.jit(self.event.init)(k_event, frames)["params"]
             params["event_tower"] = _with_image_tower(
                 temporal if boxed else nn.unbox(temporal), params["image_tower"])
         if self.prompts is not None and "text_prompts" not in params:
             cond = jnp.zeros((1, self.config.projection_dim), jnp.float32)
-            params["text_prompts"] = self.prompts.init(k_prompts, cond)["params"]
+            params["text_prompts"] = jax.jit(self.prompts.init)(k_prompts, cond)["params"]
         return params
 
     def abstract_params(self) -> dict:
