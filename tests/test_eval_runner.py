@@ -98,12 +98,13 @@ def model(data_dir):
 
 
 def numpy_split(data_dir, split):
-    """All unmasked rows of a split's eval-mode batches, as NumPy."""
-    from evclip_jax.data import pipeline
+    """All unmasked rows of a split's eval-mode batches (the towers' inputs), as NumPy."""
+    from evclip_jax.data import device_prep, pipeline
 
     ds = pipeline.make_dataset(data_dir, split, global_batch_size=8, out_size=16, train=False,
                                seed=0)
-    batches = list(ds.as_numpy_iterator())
+    batches = [{k: np.asarray(v) for k, v in device_prep.tower_inputs(b).items()}
+               for b in ds.as_numpy_iterator()]
     out = {k: np.concatenate([b[k] for b in batches]) for k in ("events", "images", "labels")}
     mask = np.concatenate([b["mask"] for b in batches])
     return {k: v[mask] for k, v in out.items()}

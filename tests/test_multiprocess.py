@@ -123,11 +123,9 @@ def host_labels(data_dir: Path, config, host: int, steps: int) -> list[list[int]
     """The labels that host ``host`` of 2 reads at each step, from the pipeline alone."""
     from evclip_jax.data import pipeline
 
-    augment = dict(config.data.augment)
-    augment.pop("enabled")
     ds = pipeline.make_dataset(
         data_dir, "train", global_batch_size=config.batch_size, out_size=16, train=True,
-        seed=config.seed, augment=augment, process_index=host, process_count=2)
+        seed=config.seed, process_index=host, process_count=2)
     return [b["labels"].tolist() for b in ds.take(steps).as_numpy_iterator()]
 
 

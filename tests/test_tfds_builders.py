@@ -284,9 +284,9 @@ def test_pipeline_reads_tfds_folder(prepared):
 
     from_tfds = rows(builder.data_dir)
     assert len(from_tfds) == 4 and from_tfds == rows(records_dir)
-    train = pipeline.make_dataset(builder.data_dir, "test", train=True, augment=None, **common)
-    batch = next(train.as_numpy_iterator())
-    assert batch["events"].shape == (4, 224, 224, 3) and batch["images"].shape == (4, 224, 224, 3)
+    train = pipeline.make_dataset(builder.data_dir, "test", train=True, **common)
+    batch = next(train.as_numpy_iterator())  # integers: counts and gray images
+    assert batch["events"].shape == (4, 224, 224) and batch["images"].shape == (4, 224, 224)
 
 
 def test_split_classes_must_agree(tmp_path):
