@@ -273,6 +273,14 @@ class EncoderLayer(nn.Module):
         return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
+def encoder_layer(remat: str) -> type[EncoderLayer]:
+    """EncoderLayer, rematerialised under the ``model.remat`` policy (REMAT_POLICIES)."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+    return EncoderLayer if remat == "none" else nn.remat(EncoderLayer,
+                                                         policy=REMAT_POLICIES[remat])
+
+
 class Encoder(nn.Module):
     cfg: TowerConfig
     dtype: Dtype
@@ -289,11 +297,7 @@ class Encoder(nn.Module):
             # the sequence lengths, and drop it at the end.
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
             lengths = jnp.full((x.shape[0],), length, jnp.int32)
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
-        layer_cls = EncoderLayer
-        if self.remat != "none":
-            layer_cls = nn.remat(EncoderLayer, policy=REMAT_POLICIES[self.remat])
+        layer_cls = encoder_layer(self.remat)
         for i in range(self.cfg.num_hidden_layers):
             x = layer_cls(self.cfg, self.dtype, self.causal, self.attention_impl,
                           name=f"layers_{i}")(x, lengths)

@@ -38,14 +38,13 @@ import jax.numpy as jnp
 
 from evclip_jax.models.clip import (
     ACTIVATION_AXES,
-    REMAT_POLICIES,
     Attention,
     Dtype,
-    EncoderLayer,
     TowerConfig,
     VisionEmbeddings,
     _dense,
     _layer_norm,
+    encoder_layer,
 )
 
 
@@ -78,11 +77,7 @@ class TemporalEncoder(nn.Module):
     def __call__(self, x):
         cfg, t = self.cfg, self.num_frames
         bt, _, width = x.shape
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
-        layer_cls = EncoderLayer
-        if self.remat != "none":
-            layer_cls = nn.remat(EncoderLayer, policy=REMAT_POLICIES[self.remat])
+        layer_cls = encoder_layer(self.remat)
         # EventBind's release initialises prompt tokens uniformly in +-sqrt(6 / (3 p^2 + width))
         # (Xavier over a patch's pixels and the width).
         bound = math.sqrt(6.0 / (3 * cfg.patch_size ** 2 + width))
