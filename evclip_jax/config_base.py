@@ -45,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype; params, loss and optimizer stay float32
     c.model.attention_impl = ""  # "" (XLA picks), "xla" or "cudnn" (fused, GPU, bf16)
     # What each transformer block keeps for backward (models.clip.REMAT_POLICIES): "none",
-    # "matmuls" (recompute LayerNorm, activation and attention) or "full" (recompute the block).
+    # "matmuls" (recompute LayerNorm, activation and attention), "matmuls_attention" (recompute
+    # LayerNorm and activation; keeps cuDNN attention's outputs) or "full" (recompute the block).
     c.model.remat = "none"
     # The event tower: "vit" (the paper: the image tower's architecture; eventbind frames are
     # embedded one at a time and averaged) | "eventbind" (E-CLIP/EventBind's temporal encoder

@@ -102,8 +102,12 @@ VARIANTS = {
     # Precomputed image-tower embeddings replace the frozen forward (records' teacher_emb).
     "cached": {**_FAST, **config_base.VARIANTS["teacher_emb"]},
     "remat_matmuls": {**_FAST, "model.remat": "matmuls"},
+    "remat_matmuls_attention": {**_FAST, "model.remat": "matmuls_attention"},
     "remat_full": {**_FAST, "model.remat": "full"},
     "xla_attention": {**config_base.VARIANTS["bf16"], "model.attention_impl": "xla"},
+    # Two devices shared by parameter sharding (FSDP) or by tensor parallelism, not by data.
+    "fsdp2": {**_FAST, "mesh.fsdp": 2},
+    "tensor2": {**_FAST, "mesh.tensor": 2},
 }
 
 # Sizes of HF's openai/clip-vit-base-patch32 and clip-vit-large-patch14 (TowerConfig fields).

@@ -28,12 +28,22 @@ _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
 
+def _matmuls_and_fused_attention(prim, *args, **params) -> bool:
+    """Saves the weight matmuls' outputs and cuDNN fused attention's outputs (the attention
+    output and its softmax statistics, the residuals of its backward kernel)."""
+    return (prim.name == "dot_product_attention_fwd_wrapper"
+            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
+
+
 # What a transformer block keeps for the backward pass (``model.remat``): "none" keeps every
-# activation; "matmuls" keeps the outputs of the block's six weight matmuls and recomputes the
-# rest (LayerNorms, the activation, attention); "full" keeps only the block's input.
+# activation; "matmuls" keeps the outputs of the block's weight matmuls and recomputes the
+# rest (LayerNorms, the activation, attention); "matmuls_attention" also keeps cuDNN fused
+# attention's outputs, so that only the LayerNorms and the activation are recomputed; "full"
+# keeps only the block's input.
 REMAT_POLICIES = {
     "none": None,
     "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "matmuls_attention": _matmuls_and_fused_attention,
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 
