@@ -268,7 +268,7 @@ def build_jax_step(model: str, batch_size: int, overrides: dict | None = None, d
     devices = jax.local_devices() if devices is None else devices
     if cfg.batch_size % len(devices):
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by {len(devices)} devices")
-    mesh = sharding.make_mesh(data=-1, devices=devices)
+    mesh = sharding.make_mesh(**cfg.mesh, devices=devices)
     towers = step.make_towers(cfg, clip_cfg)
 
     # Random params made on the device; jit returns separate buffers for the event tower and
@@ -327,6 +327,7 @@ def jax_bench(case: Case, variant: str, steps: int, repeats: int, warmup: int) -
         compiled = s.step_fn.lower(state, frozen, text_emb, batch).compile()
         compile_s = time.perf_counter() - t0
         compiled_flops = _flops(compiled.cost_analysis())
+        step_mem = compiled.memory_analysis()
         phase(f"train step compiled in {compile_s:.1f} s")
         t0 = time.perf_counter()
         state, metrics = compiled(state, frozen, text_emb, batch)
@@ -346,7 +347,13 @@ def jax_bench(case: Case, variant: str, steps: int, repeats: int, warmup: int) -
     values = {k: float(x) for k, x in jax.device_get(metrics).items()}
     if not np.isfinite(values["loss"]):
         raise FloatingPointError(f"{variant}: non-finite loss {values['loss']}")
-    stats = devices[0].memory_stats() or {}
+    # The high-water mark of every device since the process began (params are made on the
+    # first device, then placed), and what XLA plans for the compiled step on one device:
+    # its arguments, outputs and temporaries, less the donated (aliased) buffers.
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices]
+    step_bytes = (step_mem.argument_size_in_bytes + step_mem.output_size_in_bytes
+                  - step_mem.alias_size_in_bytes + step_mem.temp_size_in_bytes
+                  if step_mem is not None else 0)
     return {
         "step_s": sorted(times)[len(times) // 2],
         "step_s_all": times,
@@ -358,7 +365,8 @@ def jax_bench(case: Case, variant: str, steps: int, repeats: int, warmup: int) -
         "overrides": overrides,
         "loss": values["loss"],
         "grad_norm": values["grad_norm"],
-        "peak_mem_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
+        "peak_mem_gib": max(peaks) / 2**30 or None,
+        "step_mem_gib": step_bytes / 2**30 or None,
         "devices": len(devices),
         "device": devices[0].device_kind,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -501,22 +509,23 @@ def case_table(case: Case, rows: dict[str, dict]) -> str:
     batch = case.batch_size
     rate = {name: batch / r["step_s"] for name, r in rows.items() if "step_s" in r}
     refs = [n for n in (f"{PEER}-compile", f"{PEER}-eager", "step") if n in rate]
-    head = (f"{'variant':<16}{'samples/s':>11}{'step ms':>10}{'MFU':>8}{'peak GiB':>10}"
+    head = (f"{'variant':<24}{'samples/s':>11}{'step ms':>10}{'MFU':>8}{'peak GiB':>10}"
+            f"{'step GiB':>10}"
             + "".join(f"{'/' + n:>15}" for n in refs) + f"{'compile s':>11}{'loss':>10}")
     lines = [f"{case.name}: global batch {batch}", head]
     for name, r in rows.items():
         if "step_s" not in r:
-            lines.append(f"{name:<16}  FAILED: {r.get('error', '?')}")
+            lines.append(f"{name:<24}  FAILED: {r.get('error', '?')}")
             continue
         peak = _peak_flops(r.get("device", ""))
         mfu = (f"{100 * r['flops'] / r['step_s'] / (r['devices'] * peak):7.1f}%"
                if peak else f"{'-':>8}")
-        mem = r.get("peak_mem_gib")
+        mem, step_mem = r.get("peak_mem_gib"), r.get("step_mem_gib")
         comp = r.get("compile_s")
         loss = r.get("loss")
         lines.append(
-            f"{name:<16}{rate[name]:>11.1f}{1e3 * r['step_s']:>10.2f}{mfu}"
-            f"{(f'{mem:.2f}' if mem else '-'):>10}"
+            f"{name:<24}{rate[name]:>11.1f}{1e3 * r['step_s']:>10.2f}{mfu}"
+            f"{(f'{mem:.2f}' if mem else '-'):>10}{(f'{step_mem:.2f}' if step_mem else '-'):>10}"
             + "".join(f"{rate[name] / rate[n]:>15.3f}" for n in refs)
             + f"{(f'{comp:.1f}' if comp is not None else '-'):>11}"
             + f"{(f'{loss:.4f}' if loss is not None else '-'):>10}")
