@@ -194,3 +194,23 @@ def test_one_command_one_table(tmp_path):
             np.testing.assert_allclose(float(col), rate / (8 / step_s[ref]), atol=5e-4)
     assert "step, cached on 2 x cpu; peer-eager, peer-compile on 1 x Stand-in H200" \
         in out.stdout
+
+
+def test_mesh_variants_shard_the_event_tower_and_keep_the_loss(bench):
+    """fsdp2 and tensor2 build their mesh from the config: the event tower's MLP kernel
+    [embed 64, mlp 128] is split over fsdp (rows) or tensor (columns) of the two devices, and
+    one step gives the loss of the data-parallel step."""
+    devices = jax.devices()[:2]
+    losses, specs = {}, {}
+    for variant in ("step", "fsdp2", "tensor2"):
+        _, s, batch = bench.build_jax_step("tiny", 8, {**bench.VARIANTS[variant], **CPU},
+                                           devices=devices)
+        fc1 = s.state.params["event_tower"]["vision_model"]["encoder"]["layers_0"]["mlp"]["fc1"]
+        kernel = fc1["kernel"]
+        specs[variant] = kernel.sharding.shard_shape(kernel.shape)
+        with jax.set_mesh(kernel.sharding.mesh):
+            _, metrics = s.step_fn(s.state, s.frozen, s.classes, batch)
+        losses[variant] = float(metrics["loss"])
+    assert specs == {"step": (64, 128), "fsdp2": (32, 128), "tensor2": (64, 64)}
+    np.testing.assert_allclose(losses["fsdp2"], losses["step"], rtol=1e-5)
+    np.testing.assert_allclose(losses["tensor2"], losses["step"], rtol=1e-5)
