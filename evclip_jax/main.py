@@ -87,9 +87,20 @@ def _run_stopping_errors() -> tuple[type[Exception], ...]:
             pipeline.InputStallError, pipeline.BadRecordError, FileNotFoundError)
 
 
+def _check_dirs() -> None:
+    """Output dirs are local or mounted paths: a URL would become a local dir named "gs:"."""
+    for name in ("workdir", "export_dir", "eval_dir"):
+        value = FLAGS[name].value
+        if value and "://" in value:
+            raise app.UsageError(
+                f"--{name}={value}: expected a path; mount the bucket (on a Cloud TPU VM "
+                "launch/tpu_vm.sh mounts gs://BUCKET at /gcs/BUCKET) and give the mounted path")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _check_dirs()
     logging.getLogger("absl").addFilter(_QuietLibraries())
     logging.getLogger("asyncio").addFilter(_QuietLibraries())
     _quiet_closed_loop_callbacks()

@@ -4,6 +4,7 @@ the settings refused late or unclearly, a config file that does not exist)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,14 @@ def test_missing_config_file_named():
     assert out.returncode != 0
     assert "--config: configs/no_such_experiment.py does not exist" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_url_workdir_refused_before_anything_is_written(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "evclip_jax.main", f"--config={REPO}/configs/demo.py",
+                          "--workdir=gs://bucket/runs/x"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode != 0
+    assert "--workdir=gs://bucket/runs/x: expected a path" in out.stderr
+    assert "/gcs/BUCKET" in out.stderr and "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []  # no local "gs:" dir
