@@ -113,8 +113,8 @@ def test_missing_config_file_named():
 
 
 def test_url_workdir_refused_before_anything_is_written(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "evclip_jax.main", f"--config={REPO}/configs/demo.py",
-                          "--workdir=gs://bucket/runs/x"],
+    out = subprocess.run([sys.executable, "-m", "evclip_jax.main",
+                          f"--config={REPO}/configs/demo.py", "--workdir=gs://bucket/runs/x"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode != 0
