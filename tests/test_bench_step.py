@@ -181,7 +181,8 @@ def test_one_command_one_table(tmp_path):
              "peer-eager": 8 * 4 * FORWARD + LOSSES, "peer-compile": 8 * 4 * FORWARD + LOSSES}
     header, table = _table_rows(out.stdout, "tiny:8")
     assert header[:5] == ["variant", "samples/s", "step", "ms", "MFU"]
-    assert header[5:10] == ["peak", "GiB", "/peer-compile", "/peer-eager", "/step"]
+    assert header[5:12] == ["peak", "GiB", "step", "GiB", "/peer-compile", "/peer-eager",
+                            "/step"]
     assert set(table) == set(step_s)
     for name, cells in table.items():
         rate = 8 / step_s[name]
@@ -190,7 +191,10 @@ def test_one_command_one_table(tmp_path):
         mfu = 100 * flops[name] / step_s[name] / (devices[name] * 0.002e12)
         np.testing.assert_allclose(float(cells[3].rstrip("%")), mfu, atol=0.05)
         assert cells[4] == ("1.25" if name.startswith("peer") else "-")  # no CPU memory stats
-        for col, ref in zip(cells[5:8], ("peer-compile", "peer-eager", "step"), strict=True):
+        # XLA's plan for the compiled step: the project's rows only.
+        assert cells[5] == ("-" if name.startswith("peer") else
+                            f"{rows[name]['step_mem_gib']:.2f}")
+        for col, ref in zip(cells[6:9], ("peer-compile", "peer-eager", "step"), strict=True):
             np.testing.assert_allclose(float(col), rate / (8 / step_s[ref]), atol=5e-4)
     assert "step, cached on 2 x cpu; peer-eager, peer-compile on 1 x Stand-in H200" \
         in out.stdout
