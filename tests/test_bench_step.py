@@ -169,6 +169,7 @@ def test_one_command_one_table(tmp_path):
         assert rows[name]["cuda_visible_devices"] == "0" and rows[name]["devices"] == 2
         assert rows[name]["overrides"]["model.attention_impl"] == "xla"
         assert np.isfinite(rows[name]["loss"]) and len(rows[name]["step_s_all"]) == 3
+        assert rows[name]["step_mem_gib"] > 0  # at least the state and the batch
     assert rows["cached"]["overrides"]["data.teacher_emb"] is True
     # FLOPs of the step that ran: 4 tower forwards per sample, 3 when cached.
     assert rows["step"]["flops"] == 8 * 4 * FORWARD + LOSSES
