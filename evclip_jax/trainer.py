@@ -33,6 +33,7 @@ from evclip_jax import (
     convert,
     embed,
     objectives,
+    profiling,
     prompts,
     run_guard,
     sharding,
@@ -179,43 +180,6 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class StepTrace:
-    """``config.profile``: a jax.profiler trace of steps [start_step, start_step + num_steps)
-    in ``<workdir>/profile`` (an ``.xplane.pb`` for TensorBoard's profile plugin and a
-    ``perfetto_trace.json.gz`` for Perfetto), by process 0 only. Steps are the loop's 0-based
-    ``at``; a run resumed past start_step takes no trace."""
-
-    def __init__(self, profile, log_dir: Path):
-        start, num = int(profile.start_step), int(profile.num_steps)
-        if start < 0 or num < 0:
-            raise ValueError(f"config.profile: start_step={start}, num_steps={num}; expected "
-                             "both >= 0 (num_steps 0: no trace)")
-        self.steps = range(start, start + num) if jax.process_index() == 0 else range(0)
-        self.log_dir, self.active = log_dir, False
-
-    def __enter__(self):
-        return self
-
-    def before_step(self, at: int) -> None:
-        """Starts the trace before step ``at`` reads its batch."""
-        if self.steps and at == self.steps.start:
-            jax.profiler.start_trace(str(self.log_dir), create_perfetto_trace=True)
-            self.active = True
-
-    def after_step(self, at: int, state) -> None:
-        """Ends the trace when ``at`` steps are done and the last traced one has run."""
-        if self.active and at == self.steps.stop:
-            jax.block_until_ready(state)
-            self.__exit__()
-
-    def __exit__(self, *exc):
-        if self.active:
-            jax.profiler.stop_trace()
-            self.active = False
-            logging.info("profile of steps %d-%d written to %s", self.steps.start,
-                         self.steps.stop - 1, self.log_dir)
-
-
 def finished_summary(workdir: Path, total_steps: int) -> dict | None:
     """The summary of a run that finished all ``total_steps`` (training and its final
     evaluation); None otherwise, also for an unreadable one (then it is written again)."""
@@ -266,7 +230,7 @@ def _train(config, workdir: Path, allow_config_change: bool) -> dict:
     done = checkpoints.latest_step(workdir)
     run_guard.record_config(config, workdir, resuming=done is not None,
                             allow_change=allow_config_change)
-    trace = StepTrace(config.profile, workdir / "profile")
+    trace = profiling.StepTrace(config.profile, workdir / "profile")
 
     # Mesh and model.
     mesh = sharding.make_mesh(**config.mesh)

@@ -143,7 +143,7 @@ def _table_rows(output: str, case: str) -> tuple[list[str], dict[str, list[str]]
 def test_one_command_one_table(tmp_path):
     """tiny:8 with the step and cached variants on 2 CPU devices and a stand-in peer (known step
     times) on "GPU 1" at the same time: the table's samples/s, ratios and MFU are those
-    computed by hand from the raw JSON."""
+    computed by hand from the raw JSON; each variant leaves its trace."""
     peer = tmp_path / "peer.py"
     peer.write_text(textwrap.dedent(STAND_IN_PEER))
     result = tmp_path / "bench.json"
@@ -154,7 +154,8 @@ def test_one_command_one_table(tmp_path):
         [sys.executable, str(REPO / "tools" / "bench_train_step.py"),
          "--cases=tiny:8:step+cached+peer", "--set=model.dtype=float32",
          "--set=model.attention_impl=xla", f"--peer={peer}", "--peer_gpu=1", "--steps=2",
-         "--repeats=3", "--warmup=1", "--peak_tflops=0.002", f"--result_json={result}"],
+         "--repeats=3", "--warmup=1", "--peak_tflops=0.002", f"--result_json={result}",
+         f"--trace_dir={tmp_path / 'traces'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     raw = json.loads(result.read_text())["bench"]
@@ -170,6 +171,9 @@ def test_one_command_one_table(tmp_path):
         assert rows[name]["overrides"]["model.attention_impl"] == "xla"
         assert np.isfinite(rows[name]["loss"]) and len(rows[name]["step_s_all"]) == 3
         assert rows[name]["step_mem_gib"] > 0  # at least the state and the batch
+        # --trace_dir: a trace of each variant (a CPU trace has no device op lines to sum).
+        assert rows[name]["trace_dir"] == str(tmp_path / "traces" / f"tiny_8_{name}")
+        assert list(Path(rows[name]["trace_dir"]).rglob("*.xplane.pb"))
     assert rows["cached"]["overrides"]["data.teacher_emb"] is True
     # FLOPs of the step that ran: 4 tower forwards per sample, 3 when cached.
     assert rows["step"]["flops"] == 8 * 4 * FORWARD + LOSSES

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from evclip_jax import trainer
+from evclip_jax import profiling, trainer
 
 
 def _tiny_config():
@@ -65,7 +65,7 @@ def test_trace_only_on_process_zero(tmp_path, monkeypatch):
     for index, expected in ((0, [0, "start", 1, 2, "stop", 3]), (1, [0, 1, 2, 3])):
         monkeypatch.setattr(jax, "process_index", lambda i=index: i)
         calls.clear()
-        with trainer.StepTrace(profile, tmp_path) as trace:
+        with profiling.StepTrace(profile, tmp_path) as trace:
             for at in range(4):  # the loop: before the step, the step, after it
                 trace.before_step(at)
                 calls.append(at)
@@ -73,7 +73,7 @@ def test_trace_only_on_process_zero(tmp_path, monkeypatch):
         assert calls == expected, index
     profile.num_steps = -1
     with pytest.raises(ValueError, match="config.profile: start_step=1, num_steps=-1"):
-        trainer.StepTrace(profile, tmp_path)
+        profiling.StepTrace(profile, tmp_path)
 
 
 def test_eval_pass_shows_progress_with_eta(tmp_path, capsys):
@@ -93,3 +93,42 @@ def test_eval_pass_shows_progress_with_eta(tmp_path, capsys):
     # tqdm's "n/total [elapsed<remaining" is the bar's count and ETA.
     assert re.search(r"eval test: 100%.*\| 3/3 \[\d\d:\d\d<\d\d:\d\d",
                      capsys.readouterr().err)
+
+
+def test_busiest_device_ops_from_a_hand_made_xspace(tmp_path):
+    """Two GPU planes' "XLA Ops" lines summed by op; host planes and other lines left out.
+    By hand: fusion.1 3+1+2 = 6 us, gemm 5+4 = 9 us, fusion.2 0.5 us of 15.5 us."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace()
+    names = {1: "fusion.1", 2: "cublas_gemm", 3: "fusion.2"}
+
+    def plane(name, line_name, events):
+        p = space.planes.add()
+        p.id, p.name = len(space.planes), name
+        for i, op in names.items():
+            p.event_metadata[i].id, p.event_metadata[i].name = i, op
+        line = p.lines.add()
+        line.id, line.name = 1, line_name
+        at = 0
+        for metadata_id, us in events:
+            event = line.events.add()
+            event.metadata_id, event.offset_ps = metadata_id, at
+            event.duration_ps = int(us * 10**6)
+            at += event.duration_ps
+
+    plane("/device:GPU:0", "XLA Ops", [(1, 3), (2, 5), (1, 1), (3, 0.5)])
+    plane("/device:GPU:1", "XLA Ops", [(1, 2), (2, 4)])
+    plane("/device:GPU:1", "Stream #7", [(2, 100)])  # kernels: not ops
+    plane("/host:CPU", "XLA Ops", [(3, 100)])
+    run = tmp_path / "plugins" / "profile" / "run"
+    run.mkdir(parents=True)
+    (run / "host.xplane.pb").write_bytes(space.SerializeToString())
+
+    times = profiling.device_op_times(tmp_path)
+    assert times == {"fusion.1": (6000, 3), "cublas_gemm": (9000, 2), "fusion.2": (500, 1)}
+    table = profiling.top_ops_table(times, steps=1, top=2).splitlines()
+    assert table[1].split() == ["58.1%", "0.009", "2.0", "cublas_gemm"]  # 9 of 15.5 us
+    assert table[2].split() == ["38.7%", "0.006", "3.0", "fusion.1"]
+    assert len(table) == 3
+    assert profiling.top_ops_table(times, steps=2).splitlines()[2].split()[2] == "1.5"

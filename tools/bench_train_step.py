@@ -80,6 +80,9 @@ _DEADLINE = flags.DEFINE_float("deadline_s", 0.0,
                                "and kill a running one (or the peer) at it")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0,
                            "bf16 dense peak per device for MFU; 0: from the device name")
+_TRACE_DIR = flags.DEFINE_string(
+    "trace_dir", "", "if set, a jax.profiler trace of 3 more steps of each project variant in "
+    "DIR/<model>_<batch>_<variant>, and its busiest device ops printed")
 _RESULT_JSON = flags.DEFINE_string("result_json", "bench_train_step.json",
                                    "where the raw results go (JSON); empty: nowhere")
 _WORKER = flags.DEFINE_enum("worker", "", ["", "jax", "check"],
@@ -93,6 +96,7 @@ _START = [time.time()]
 _CACHE_DIR = os.path.join(tempfile.gettempdir(), f"bench_train_step_jax_cache_{os.getpid()}")
 # bf16 dense tensor-core peak per GPU (datasheet, SXM) for the MFU column.
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+TRACE_STEPS = 3  # steps in each --trace_dir trace
 
 # Project variants: config overrides of bench_config(), from config_base.VARIANTS where it
 # names them. "step" is the fast default on a GPU: bf16 compute, cuDNN fused attention.
@@ -310,6 +314,8 @@ def jax_bench(case: Case, variant: str, steps: int, repeats: int, warmup: int) -
     import jax
     import numpy as np
 
+    from evclip_jax import profiling
+
     t_start = time.perf_counter()
 
     def phase(what: str) -> None:
@@ -344,6 +350,18 @@ def jax_bench(case: Case, variant: str, steps: int, repeats: int, warmup: int) -
             jax.block_until_ready((state, metrics))
             times.append((time.perf_counter() - t0) / steps)
         phase("timed")
+        trace_dir = (os.path.join(_TRACE_DIR.value, f"{case.model}_{case.batch_size}_{variant}")
+                     if _TRACE_DIR.value else None)
+        if trace_dir:
+            jax.profiler.start_trace(trace_dir)
+            for _ in range(TRACE_STEPS):
+                state, metrics = compiled(state, frozen, text_emb, batch)
+            jax.block_until_ready((state, metrics))
+            jax.profiler.stop_trace()
+            op_times = profiling.device_op_times(trace_dir)
+            phase(f"{TRACE_STEPS} steps traced in {trace_dir}" + (
+                ":\n" + profiling.top_ops_table(op_times, TRACE_STEPS) if op_times else
+                " (no device op lines: a CPU trace)"))
     values = {k: float(x) for k, x in jax.device_get(metrics).items()}
     if not np.isfinite(values["loss"]):
         raise FloatingPointError(f"{variant}: non-finite loss {values['loss']}")
@@ -371,6 +389,7 @@ def jax_bench(case: Case, variant: str, steps: int, repeats: int, warmup: int) -
         "device": devices[0].device_kind,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "versions": f"jax {jax.__version__}, flax {flax.__version__}",
+        "trace_dir": trace_dir,
     }
 
 
@@ -417,7 +436,7 @@ def _spawn(worker: str, case: str, variant: str, env: dict, timeout: float | Non
            f"--worker_case={case}", f"--variant={variant}", f"--result_file={result_file}",
            f"--steps={_STEPS.value}", f"--repeats={_REPEATS.value}", f"--warmup={_WARMUP.value}",
            f"--cases={','.join(_CASES.value)}", f"--check_batch={_CHECK_BATCH.value}",
-           *[f"--set={item}" for item in _SET.value]]
+           f"--trace_dir={_TRACE_DIR.value}", *[f"--set={item}" for item in _SET.value]]
     env = dict(env)
     if worker == "jax":
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # alone on the GPU

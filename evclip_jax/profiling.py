@@ -1,0 +1,81 @@
+"""Profiles: a jax.profiler trace of chosen training steps, and the busiest device ops of a
+trace (what a step spends its device time on), read from its XSpace."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import jax
+
+
+def device_op_times(trace_dir: str | Path) -> dict[str, tuple[float, int]]:
+    """{op name: (total ns, executions)} over the "XLA Ops" lines of every device plane of
+    the newest ``*.xplane.pb`` under ``trace_dir``; {} where there is none (a CPU trace has no
+    device planes)."""
+    files = sorted(Path(trace_dir).rglob("*.xplane.pb"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        return {}
+    total, count = Counter(), Counter()
+    for plane in jax.profiler.ProfileData.from_file(str(files[-1])).planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            if line.name == "XLA Ops":
+                for event in line.events:
+                    total[event.name] += event.duration_ns
+                    count[event.name] += 1
+    return {name: (total[name], count[name]) for name in total}
+
+
+def top_ops_table(times: dict[str, tuple[float, int]], steps: int, top: int = 15) -> str:
+    """The ``top`` ops by device time: share of all device op time, ms and executions per
+    step (summed over devices)."""
+    all_ns = sum(ns for ns, _ in times.values()) or 1.0
+    lines = [f"{'share':>7}{'ms/step':>10}{'calls/step':>12}  op  "
+             f"(device op time {all_ns / steps / 1e6:.2f} ms/step over all devices)"]
+    for name, (ns, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{100 * ns / all_ns:6.1f}%{ns / steps / 1e6:10.3f}{n / steps:12.1f}  "
+                     f"{name[:100]}")
+    return "\n".join(lines)
+
+
+class StepTrace:
+    """``config.profile``: a jax.profiler trace of steps [start_step, start_step + num_steps)
+    in ``<workdir>/profile`` (an ``.xplane.pb`` for TensorBoard's profile plugin and a
+    ``perfetto_trace.json.gz`` for Perfetto), by process 0 only. Steps are the loop's 0-based
+    ``at``; a run resumed past start_step takes no trace."""
+
+    def __init__(self, profile, log_dir: Path):
+        start, num = int(profile.start_step), int(profile.num_steps)
+        if start < 0 or num < 0:
+            raise ValueError(f"config.profile: start_step={start}, num_steps={num}; expected "
+                             "both >= 0 (num_steps 0: no trace)")
+        self.steps = range(start, start + num) if jax.process_index() == 0 else range(0)
+        self.log_dir, self.active = log_dir, False
+
+    def __enter__(self):
+        return self
+
+    def before_step(self, at: int) -> None:
+        """Starts the trace before step ``at`` reads its batch."""
+        if self.steps and at == self.steps.start:
+            jax.profiler.start_trace(str(self.log_dir), create_perfetto_trace=True)
+            self.active = True
+
+    def after_step(self, at: int, state) -> None:
+        """Ends the trace when ``at`` steps are done and the last traced one has run."""
+        if self.active and at == self.steps.stop:
+            jax.block_until_ready(state)
+            self.__exit__()
+
+    def __exit__(self, *exc):
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            logging.info("profile of steps %d-%d written to %s", self.steps.start,
+                         self.steps.stop - 1, self.log_dir)
+            times = device_op_times(self.log_dir)
+            if times:
+                logging.info("busiest device ops:\n%s", top_ops_table(times, len(self.steps)))
