@@ -28,6 +28,7 @@ _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
 
+
 def _matmuls_and_fused_attention(prim, *args, **params) -> bool:
     """Saves the weight matmuls' outputs and cuDNN fused attention's outputs (the attention
     output and its softmax statistics, the residuals of its backward kernel)."""
