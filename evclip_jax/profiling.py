@@ -29,15 +29,21 @@ def device_op_times(trace_dir: str | Path) -> dict[str, tuple[float, int]]:
     return {name: (total[name], count[name]) for name in total}
 
 
+def busiest_ops(times: dict[str, tuple[float, int]], steps: int,
+                top: int = 15) -> list[tuple[str, float, float]]:
+    """The ``top`` ops by device time as (name, ms per step, executions per step)."""
+    ranked = sorted(times.items(), key=lambda kv: -kv[1][0])[:top]
+    return [(name, ns / steps / 1e6, n / steps) for name, (ns, n) in ranked]
+
+
 def top_ops_table(times: dict[str, tuple[float, int]], steps: int, top: int = 15) -> str:
     """The ``top`` ops by device time: share of all device op time, ms and executions per
     step (summed over devices)."""
-    all_ns = sum(ns for ns, _ in times.values()) or 1.0
+    all_ms = sum(ns for ns, _ in times.values()) / steps / 1e6 or 1.0
     lines = [f"{'share':>7}{'ms/step':>10}{'calls/step':>12}  op  "
-             f"(device op time {all_ns / steps / 1e6:.2f} ms/step over all devices)"]
-    for name, (ns, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:
-        lines.append(f"{100 * ns / all_ns:6.1f}%{ns / steps / 1e6:10.3f}{n / steps:12.1f}  "
-                     f"{name[:100]}")
+             f"(device op time {all_ms:.2f} ms/step over all devices)"]
+    for name, ms, calls in busiest_ops(times, steps, top):
+        lines.append(f"{100 * ms / all_ms:6.1f}%{ms:10.3f}{calls:12.1f}  {name[:100]}")
     return "\n".join(lines)
 
 

@@ -174,6 +174,7 @@ def test_one_command_one_table(tmp_path):
         # --trace_dir: a trace of each variant (a CPU trace has no device op lines to sum).
         assert rows[name]["trace_dir"] == str(tmp_path / "traces" / f"tiny_8_{name}")
         assert list(Path(rows[name]["trace_dir"]).rglob("*.xplane.pb"))
+        assert rows[name]["top_ops"] == []
     assert rows["cached"]["overrides"]["data.teacher_emb"] is True
     # FLOPs of the step that ran: 4 tower forwards per sample, 3 when cached.
     assert rows["step"]["flops"] == 8 * 4 * FORWARD + LOSSES

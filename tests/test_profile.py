@@ -132,3 +132,5 @@ def test_busiest_device_ops_from_a_hand_made_xspace(tmp_path):
     assert table[2].split() == ["38.7%", "0.006", "3.0", "fusion.1"]
     assert len(table) == 3
     assert profiling.top_ops_table(times, steps=2).splitlines()[2].split()[2] == "1.5"
+    assert profiling.busiest_ops(times, steps=2, top=3) == [
+        ("cublas_gemm", 0.0045, 1.0), ("fusion.1", 0.003, 1.5), ("fusion.2", 0.00025, 0.5)]

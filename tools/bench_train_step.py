@@ -352,6 +352,7 @@ def jax_bench(case: Case, variant: str, steps: int, repeats: int, warmup: int) -
         phase("timed")
         trace_dir = (os.path.join(_TRACE_DIR.value, f"{case.model}_{case.batch_size}_{variant}")
                      if _TRACE_DIR.value else None)
+        op_times = {}
         if trace_dir:
             jax.profiler.start_trace(trace_dir)
             for _ in range(TRACE_STEPS):
@@ -390,6 +391,8 @@ def jax_bench(case: Case, variant: str, steps: int, repeats: int, warmup: int) -
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "versions": f"jax {jax.__version__}, flax {flax.__version__}",
         "trace_dir": trace_dir,
+        # The 30 busiest device ops of the trace: [name, ms per step, calls per step].
+        "top_ops": profiling.busiest_ops(op_times, TRACE_STEPS, top=30),
     }
 
 
