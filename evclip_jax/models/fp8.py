@@ -2,9 +2,9 @@
 
 Each ``nn.Dense`` call inside ``dense_in_fp8()`` quantises its input and kernel to float8_e4m3fn
 with one scale per tensor taken from the tensor's own absolute maximum (current scaling), and
-multiplies the dequantised operands. On Hopper GPUs XLA turns this quantise-dequantise-dot
-pattern into a single fp8 cuBLASLt GEMM with the two scales; elsewhere it computes the same
-numbers in the compute dtype. Forward only: nothing here has a useful gradient.
+multiplies the dequantised operands: the quantise-dequantise-dot pattern that XLA's GPU GEMM
+rewriter fuses into one fp8 cuBLASLt GEMM with the two scales on Hopper; elsewhere the same
+numbers are computed in the compute dtype. Forward only: nothing here has a useful gradient.
 """
 
 from __future__ import annotations
