@@ -155,6 +155,7 @@ def test_one_command_one_table(tmp_path):
          "--cases=tiny:8:step+cached+peer", "--set=model.dtype=float32",
          "--set=model.attention_impl=xla", f"--peer={peer}", "--peer_gpu=1", "--steps=2",
          "--repeats=3", "--warmup=1", "--peak_tflops=0.002", f"--result_json={result}",
+         "--fit_batches=32,16",
          f"--trace_dir={tmp_path / 'traces'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -175,6 +176,15 @@ def test_one_command_one_table(tmp_path):
         assert rows[name]["trace_dir"] == str(tmp_path / "traces" / f"tiny_8_{name}")
         assert list(Path(rows[name]["trace_dir"]).rglob("*.xplane.pb"))
         assert rows[name]["top_ops"] == []
+    # --fit_batches: the step compiled at global batches 16 then 32 (sorted); a CPU has no
+    # allocator limit, so both fit, and the plan grows with the batch.
+    for name in ("step", "cached"):
+        fit = rows[name]["fit"]
+        assert [(f["batch"], f["fits"], f["limit_gib"]) for f in fit] == [(16, True, None),
+                                                                          (32, True, None)]
+        assert rows[name]["step_mem_gib"] < fit[0]["step_mem_gib"] < fit[1]["step_mem_gib"]
+        assert (f"{name} at larger global batches: 16 fits ({fit[0]['step_mem_gib']:.2f} GiB); "
+                f"32 fits ({fit[1]['step_mem_gib']:.2f} GiB)") in out.stdout
     assert rows["cached"]["overrides"]["data.teacher_emb"] is True
     # FLOPs of the step that ran: 4 tower forwards per sample, 3 when cached.
     assert rows["step"]["flops"] == 8 * 4 * FORWARD + LOSSES
@@ -224,3 +234,16 @@ def test_mesh_variants_shard_the_event_tower_and_keep_the_loss(bench):
     assert specs == {"step": (64, 128), "fsdp2": (32, 128), "tensor2": (64, 64)}
     np.testing.assert_allclose(losses["fsdp2"], losses["step"], rtol=1e-5)
     np.testing.assert_allclose(losses["tensor2"], losses["step"], rtol=1e-5)
+
+
+def test_fit_batch_plans_what_the_concrete_step_plans(bench):
+    """fit_batch lowers the step on an abstract batch: at the batch that was built it plans
+    exactly the bytes of the step compiled on the real arrays (per device, 2 devices)."""
+    devices = jax.devices()[:2]
+    _, s, batch = bench.build_jax_step("tiny", 8, {**bench.VARIANTS["step"], **CPU},
+                                       devices=devices)
+    args = (s.state, s.frozen, s.classes)
+    with jax.set_mesh(batch["events"].sharding.mesh):
+        concrete = bench.planned_bytes(s.step_fn.lower(*args, batch).compile().memory_analysis())
+        fit = bench.fit_batch(s.step_fn, args, batch, 8, devices)
+    assert concrete > 0 and fit["step_mem_gib"] * 2**30 == concrete

@@ -80,6 +80,9 @@ _DEADLINE = flags.DEFINE_float("deadline_s", 0.0,
                                "and kill a running one (or the peer) at it")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0,
                            "bf16 dense peak per device for MFU; 0: from the device name")
+_FIT = flags.DEFINE_list(
+    "fit_batches", [], "after timing, compile (not run) each variant's step at these global "
+    "batch sizes, ascending, up to the first whose planned memory exceeds the device's limit")
 _TRACE_DIR = flags.DEFINE_string(
     "trace_dir", "", "if set, a jax.profiler trace of 3 more steps of each project variant in "
     "DIR/<model>_<batch>_<variant>, and its busiest device ops printed")
@@ -364,16 +367,20 @@ def jax_bench(case: Case, variant: str, steps: int, repeats: int, warmup: int) -
             phase(f"{TRACE_STEPS} steps traced in {trace_dir}" + (
                 ":\n" + profiling.top_ops_table(op_times, TRACE_STEPS) if op_times else
                 " (no device op lines: a CPU trace)"))
+        # The high-water mark of every device since the process began (params are made on
+        # the first device, then placed), read before --fit_batches compiles anything more.
+        peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices]
+        fit = []
+        for size in sorted(int(b) for b in _FIT.value):
+            fit.append(fit_batch(s.step_fn, (state, frozen, text_emb), batch, size, devices))
+            if not fit[-1]["fits"]:
+                break
+        if fit:
+            phase("fit: " + fit_line(fit))
     values = {k: float(x) for k, x in jax.device_get(metrics).items()}
     if not np.isfinite(values["loss"]):
         raise FloatingPointError(f"{variant}: non-finite loss {values['loss']}")
-    # The high-water mark of every device since the process began (params are made on the
-    # first device, then placed), and what XLA plans for the compiled step on one device:
-    # its arguments, outputs and temporaries, less the donated (aliased) buffers.
-    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices]
-    step_bytes = (step_mem.argument_size_in_bytes + step_mem.output_size_in_bytes
-                  - step_mem.alias_size_in_bytes + step_mem.temp_size_in_bytes
-                  if step_mem is not None else 0)
+    step_bytes = planned_bytes(step_mem)
     return {
         "step_s": sorted(times)[len(times) // 2],
         "step_s_all": times,
@@ -394,7 +401,39 @@ def jax_bench(case: Case, variant: str, steps: int, repeats: int, warmup: int) -
         "trace_dir": trace_dir,
         # The 30 busiest device ops of the trace: [name, ms per step, calls per step].
         "top_ops": profiling.busiest_ops(op_times, TRACE_STEPS, top=30),
+        # --fit_batches: [{"batch", "step_mem_gib", "limit_gib", "fits"}] up to the first misfit.
+        "fit": fit,
     }
+
+
+def planned_bytes(mem) -> int:
+    """What XLA plans for a compiled step on one device (its memory_analysis): arguments,
+    outputs and temporaries, less the donated (aliased) buffers; 0 where it gives none."""
+    if mem is None:
+        return 0
+    return (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes)
+
+
+def fit_batch(step_fn, args: tuple, batch: dict, batch_size: int, devices) -> dict:
+    """Compiles (does not run) ``step_fn`` at global ``batch_size`` and compares its planned
+    memory per device with the device's allocator limit (the whole memory where the backend
+    gives no limit, as on a CPU: then it always fits)."""
+    import jax
+
+    abstract = {k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype, sharding=v.sharding)
+                for k, v in batch.items()}
+    planned = planned_bytes(step_fn.lower(*args, abstract).compile().memory_analysis())
+    limit = min((d.memory_stats() or {}).get("bytes_limit", 0) for d in devices)
+    return {"batch": batch_size, "step_mem_gib": planned / 2**30,
+            "limit_gib": limit / 2**30 or None, "fits": not limit or planned <= limit}
+
+
+def fit_line(fit: list[dict]) -> str:
+    """"1024 fits (118.20 of 125.00 GiB); 1536 does not (170.31 of 125.00 GiB)"."""
+    limit = (lambda f: f" of {f['limit_gib']:.2f}" if f["limit_gib"] else "")
+    return "; ".join(f"{f['batch']} {'fits' if f['fits'] else 'does not'} "
+                     f"({f['step_mem_gib']:.2f}{limit(f)} GiB)" for f in fit)
 
 
 def run_worker() -> None:
@@ -440,7 +479,8 @@ def _spawn(worker: str, case: str, variant: str, env: dict, timeout: float | Non
            f"--worker_case={case}", f"--variant={variant}", f"--result_file={result_file}",
            f"--steps={_STEPS.value}", f"--repeats={_REPEATS.value}", f"--warmup={_WARMUP.value}",
            f"--cases={','.join(_CASES.value)}", f"--check_batch={_CHECK_BATCH.value}",
-           f"--trace_dir={_TRACE_DIR.value}", *[f"--set={item}" for item in _SET.value]]
+           f"--trace_dir={_TRACE_DIR.value}", f"--fit_batches={','.join(_FIT.value)}",
+           *[f"--set={item}" for item in _SET.value]]
     env = dict(env)
     if worker == "jax":
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # alone on the GPU
@@ -558,6 +598,8 @@ def case_table(case: Case, rows: dict[str, dict]) -> str:
             devices.setdefault(f"{r['devices']} x {r['device']}", []).append(name)
     lines.append("devices: " + "; ".join(f"{', '.join(names)} on {where}"
                                          for where, names in devices.items()))
+    lines += [f"{name} at larger global batches: {fit_line(r['fit'])}"
+              for name, r in rows.items() if r.get("fit")]
     return "\n".join(lines)
 
 
@@ -741,6 +783,9 @@ def main(argv):
     try:
         cases = parse_cases(_CASES.value, _VARIANTS.value)
         parse_overrides(_SET.value)
+        if not all(b.isdigit() and int(b) > 0 for b in _FIT.value):
+            raise ValueError(f"--fit_batches={','.join(_FIT.value)}: expected positive "
+                             "global batch sizes")
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     if _BENCH.value and any(PEER in c.variants for c in cases) \
