@@ -11,9 +11,14 @@ import jax
 
 
 def device_op_times(trace_dir: str | Path) -> dict[str, tuple[float, int]]:
-    """{op name: (total ns, executions)} over the "XLA Ops" lines of every device plane of
-    the newest ``*.xplane.pb`` under ``trace_dir``; {} where there is none (a CPU trace has no
-    device planes)."""
+    """{op name: (total ns, executions)} over every device plane of the newest ``*.xplane.pb``
+    under ``trace_dir``; {} where there is none (a CPU trace has no device planes).
+
+    A TPU plane has an "XLA Ops" line: its events are the HLO ops. A GPU plane has one line
+    per CUDA stream ("Stream #14(Compute)", ...): its events are the kernels, memsets and
+    copies, named after the XLA fusion, the cuBLAS/cuDNN kernel or the NCCL collective (the
+    HLO op behind a kernel is the command buffer that launched it when XLA uses CUDA graphs,
+    so the kernel name is the one that tells ops apart)."""
     files = sorted(Path(trace_dir).rglob("*.xplane.pb"), key=lambda f: f.stat().st_mtime)
     if not files:
         return {}
@@ -21,12 +26,44 @@ def device_op_times(trace_dir: str | Path) -> dict[str, tuple[float, int]]:
     for plane in jax.profiler.ProfileData.from_file(str(files[-1])).planes:
         if not plane.name.startswith("/device:"):
             continue
-        for line in plane.lines:
-            if line.name == "XLA Ops":
-                for event in line.events:
-                    total[event.name] += event.duration_ns
-                    count[event.name] += 1
+        lines = list(plane.lines)
+        ops = [line for line in lines if line.name == "XLA Ops"]
+        for line in ops or [line for line in lines if line.name.startswith("Stream #")]:
+            for event in line.events:
+                total[event.name] += event.duration_ns
+                count[event.name] += 1
     return {name: (total[name], count[name]) for name in total}
+
+
+# What a device op is, from its name: (kind, name fragments), the first match wins. The
+# fragments are those of XLA's fusion names, cuBLAS (nvjet, cutlass, gemm), cuDNN's fused
+# attention (sdpa, flash, cudnn) and NCCL.
+OP_KINDS = (
+    ("collective", ("nccl", "all_reduce", "all-reduce", "all-gather", "all_gather",
+                    "reduce-scatter", "reduce_scatter", "collective")),
+    ("attention", ("sdpa", "flash", "fmha", "cudnn")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "cublas", "xmma", "convolution", "dot")),
+    ("transpose", ("transpose", "copy")),
+    ("reduction", ("reduce",)),
+    ("memory", ("memset", "memcpy")),
+)
+
+
+def op_kind(name: str) -> str:
+    """collective, attention, matmul, transpose, reduction, memory or elementwise."""
+    lower = name.lower()
+    for kind, fragments in OP_KINDS:
+        if any(f in lower for f in fragments):
+            return kind
+    return "elementwise"
+
+
+def kind_shares(times: dict[str, tuple[float, int]], steps: int) -> dict[str, float]:
+    """{kind: ms per step} of ``times`` (device_op_times), busiest first."""
+    ms = Counter()
+    for name, (ns, _) in times.items():
+        ms[op_kind(name)] += ns / steps / 1e6
+    return dict(ms.most_common())
 
 
 def busiest_ops(times: dict[str, tuple[float, int]], steps: int,
@@ -44,6 +81,8 @@ def top_ops_table(times: dict[str, tuple[float, int]], steps: int, top: int = 15
              f"(device op time {all_ms:.2f} ms/step over all devices)"]
     for name, ms, calls in busiest_ops(times, steps, top):
         lines.append(f"{100 * ms / all_ms:6.1f}%{ms:10.3f}{calls:12.1f}  {name[:100]}")
+    lines.append("by kind: " + ", ".join(f"{kind} {ms:.3f} ms ({100 * ms / all_ms:.1f}%)"
+                                         for kind, ms in kind_shares(times, steps).items()))
     return "\n".join(lines)
 
 

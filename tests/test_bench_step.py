@@ -175,7 +175,7 @@ def test_one_command_one_table(tmp_path):
         # --trace_dir: a trace of each variant (a CPU trace has no device op lines to sum).
         assert rows[name]["trace_dir"] == str(tmp_path / "traces" / f"tiny_8_{name}")
         assert list(Path(rows[name]["trace_dir"]).rglob("*.xplane.pb"))
-        assert rows[name]["top_ops"] == []
+        assert rows[name]["top_ops"] == [] and rows[name]["op_kinds"] == {}
     # --fit_batches: the step compiled at global batches 16 then 32 (sorted); a CPU has no
     # allocator limit, so both fit, and the plan grows with the batch.
     for name in ("step", "cached"):

@@ -96,41 +96,57 @@ def test_eval_pass_shows_progress_with_eta(tmp_path, capsys):
 
 
 def test_busiest_device_ops_from_a_hand_made_xspace(tmp_path):
-    """Two GPU planes' "XLA Ops" lines summed by op; host planes and other lines left out.
-    By hand: fusion.1 3+1+2 = 6 us, gemm 5+4 = 9 us, fusion.2 0.5 us of 15.5 us."""
+    """A TPU plane's "XLA Ops" line (not its other lines) and every CUDA stream line of a GPU
+    plane (as jax 0.11 writes them on an H200: kernels named after the fusion, cuBLAS, cuDNN
+    or NCCL) are summed by name; host planes are left out. By hand: fusion.1 3+1 = 4 us,
+    nvjet gemm 5+4 = 9 us, the NCCL all-reduce 2 us, fusion.2 0.5 us, the cuDNN attention
+    kernel 1.5 us, Memset 0 0.25 us: 17.25 us."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     space = xplane_pb2.XSpace()
-    names = {1: "fusion.1", 2: "cublas_gemm", 3: "fusion.2"}
+    names = {1: "fusion.1", 2: "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", 3: "fusion.2",
+             4: "ncclDevKernel_AllReduce_Sum_bf16_RING_LL",
+             5: "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 6: "Memset 0"}
 
-    def plane(name, line_name, events):
+    def plane(name, lines):
         p = space.planes.add()
         p.id, p.name = len(space.planes), name
         for i, op in names.items():
             p.event_metadata[i].id, p.event_metadata[i].name = i, op
-        line = p.lines.add()
-        line.id, line.name = 1, line_name
-        at = 0
-        for metadata_id, us in events:
-            event = line.events.add()
-            event.metadata_id, event.offset_ps = metadata_id, at
-            event.duration_ps = int(us * 10**6)
-            at += event.duration_ps
+        for line_name, events in lines.items():
+            line = p.lines.add()
+            line.id, line.name = len(p.lines), line_name
+            at = 0
+            for metadata_id, us in events:
+                event = line.events.add()
+                event.metadata_id, event.offset_ps = metadata_id, at
+                event.duration_ps = int(us * 10**6)
+                at += event.duration_ps
 
-    plane("/device:GPU:0", "XLA Ops", [(1, 3), (2, 5), (1, 1), (3, 0.5)])
-    plane("/device:GPU:1", "XLA Ops", [(1, 2), (2, 4)])
-    plane("/device:GPU:1", "Stream #7", [(2, 100)])  # kernels: not ops
-    plane("/host:CPU", "XLA Ops", [(3, 100)])
+    plane("/device:TPU:0", {"XLA Ops": [(1, 3), (3, 0.5)], "XLA Modules": [(1, 50)]})
+    plane("/device:GPU:0", {"Stream #14(Memset,Compute)": [(2, 5), (1, 1), (5, 1.5), (6, 0.25)],
+                            "Stream #116(Compute)": [(4, 2)], "Launch Stats": [(2, 70)]})
+    plane("/device:GPU:1", {"Stream #42(Compute)": [(2, 4)]})
+    plane("/host:CPU", {"XLA Ops": [(3, 100)]})
     run = tmp_path / "plugins" / "profile" / "run"
     run.mkdir(parents=True)
     (run / "host.xplane.pb").write_bytes(space.SerializeToString())
 
     times = profiling.device_op_times(tmp_path)
-    assert times == {"fusion.1": (6000, 3), "cublas_gemm": (9000, 2), "fusion.2": (500, 1)}
+    assert times == {"fusion.1": (4000, 2), names[2]: (9000, 2), "fusion.2": (500, 1),
+                     names[4]: (2000, 1), names[5]: (1500, 1), "Memset 0": (250, 1)}
     table = profiling.top_ops_table(times, steps=1, top=2).splitlines()
-    assert table[1].split() == ["58.1%", "0.009", "2.0", "cublas_gemm"]  # 9 of 15.5 us
-    assert table[2].split() == ["38.7%", "0.006", "3.0", "fusion.1"]
-    assert len(table) == 3
-    assert profiling.top_ops_table(times, steps=2).splitlines()[2].split()[2] == "1.5"
+    assert table[1].split() == ["52.2%", "0.009", "2.0", names[2]]  # 9 of 17.25 us
+    assert table[2].split() == ["23.2%", "0.004", "2.0", "fusion.1"]
+    assert table[3] == ("by kind: matmul 0.009 ms (52.2%), elementwise 0.005 ms (26.1%), "
+                        "collective 0.002 ms (11.6%), attention 0.002 ms (8.7%), "
+                        "memory 0.000 ms (1.4%)")
+    assert len(table) == 4
+    assert profiling.top_ops_table(times, steps=2).splitlines()[2].split()[2] == "1.0"
     assert profiling.busiest_ops(times, steps=2, top=3) == [
-        ("cublas_gemm", 0.0045, 1.0), ("fusion.1", 0.003, 1.5), ("fusion.2", 0.00025, 0.5)]
+        (names[2], 0.0045, 1.0), ("fusion.1", 0.002, 1.0), (names[4], 0.001, 0.5)]
+    assert [profiling.op_kind(n) for n in (
+        "input_transpose_fusion_126", "input_add_reduce_fusion_400", "gemm_fusion_dot_677",
+        "loop_multiply_fusion_48", "all_reduce_220_fusion_1",
+        "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>")] == [
+        "transpose", "reduction", "matmul", "elementwise", "collective", "attention"]

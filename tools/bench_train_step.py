@@ -401,6 +401,7 @@ def jax_bench(case: Case, variant: str, steps: int, repeats: int, warmup: int) -
         "trace_dir": trace_dir,
         # The 30 busiest device ops of the trace: [name, ms per step, calls per step].
         "top_ops": profiling.busiest_ops(op_times, TRACE_STEPS, top=30),
+        "op_kinds": profiling.kind_shares(op_times, TRACE_STEPS),  # {kind: ms per step}
         # --fit_batches: [{"batch", "step_mem_gib", "limit_gib", "fits"}] up to the first misfit.
         "fit": fit,
     }
