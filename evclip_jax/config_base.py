@@ -48,10 +48,6 @@ def base_config() -> ml_collections.ConfigDict:
     # "matmuls" (recompute LayerNorm, activation and attention), "matmuls_attention" (recompute
     # LayerNorm and activation; keeps cuDNN attention's outputs) or "full" (recompute the block).
     c.model.remat = "none"
-    # True: the frozen image tower's forward in the training loss runs its Dense matmuls in fp8
-    # (e4m3, one scale per tensor; models/fp8.py), fp8 tensor cores on Hopper GPUs. Not in the
-    # paper; evaluation and the event tower keep model.dtype.
-    c.model.teacher_fp8 = False
     # The event tower: "vit" (the paper: the image tower's architecture; eventbind frames are
     # embedded one at a time and averaged) | "eventbind" (E-CLIP/EventBind's temporal encoder
     # over data.num_frames frames, models/eventbind.py; needs data.representation "eventbind").

@@ -26,7 +26,6 @@ ids and context positions (prompts.prompt_inputs) and the class text is computed
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
@@ -35,7 +34,6 @@ import jax.numpy as jnp
 
 from evclip_jax import losses, prompts
 from evclip_jax.embed import embed_text, embed_vision, l2_normalize
-from evclip_jax.models import fp8
 
 TOWERS = ("image_tower", "event_tower", "text_tower")
 
@@ -108,8 +106,7 @@ def make_loss_fn(objective: Objective, towers, loss_cfg, seed: int = 0):
         if "teacher_emb" in batch:
             v_raw = batch["teacher_emb"].astype(jnp.float32)
         else:
-            with fp8.dense_in_fp8() if towers.teacher_fp8 else contextlib.nullcontext():
-                v_raw = embed_vision(vision, frozen["image_tower"], batch["images"])
+            v_raw = embed_vision(vision, frozen["image_tower"], batch["images"])
         return e_raw, jax.lax.stop_gradient(v_raw)
 
     def evclip(params, frozen, classes, batch, step):

@@ -32,7 +32,7 @@ class TrainState:
 def make_towers(config, clip_config) -> Towers:
     m = config.model
     return Towers(clip_config, dtype=jnp.dtype(m.dtype), attention_impl=m.attention_impl or None,
-                  remat=m.remat, teacher_fp8=m.teacher_fp8)
+                  remat=m.remat)
 
 
 def sharding_rules(config) -> tuple:

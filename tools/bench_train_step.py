@@ -111,7 +111,6 @@ VARIANTS = {
     "remat_matmuls": {**_FAST, "model.remat": "matmuls"},
     "remat_matmuls_attention": {**_FAST, "model.remat": "matmuls_attention"},
     "remat_full": {**_FAST, "model.remat": "full"},
-    "teacher_fp8": {**_FAST, "model.teacher_fp8": True},
     "xla_attention": {**config_base.VARIANTS["bf16"], "model.attention_impl": "xla"},
     # Two devices shared by parameter sharding (FSDP) or by tensor parallelism, not by data.
     "fsdp2": {**_FAST, "mesh.fsdp": 2},

@@ -21,15 +21,12 @@ from evclip_jax.models.eventbind import EventBindTower, HybridPrompts
 
 @dataclasses.dataclass(frozen=True)
 class Towers:
-    """The modules of an event CLIP with their compute dtype, attention and remat settings;
-    ``teacher_fp8``: the frozen image tower's forward in the loss runs its matmuls in fp8
-    (models/fp8.py)."""
+    """The modules of an event CLIP with their compute dtype, attention and remat settings."""
 
     config: CLIPConfig
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
     remat: str = "none"
-    teacher_fp8: bool = False
 
     @property
     def vision(self) -> VisionTower:
