@@ -417,8 +417,8 @@ def planned_bytes(mem) -> int:
 
 def fit_batch(step_fn, args: tuple, batch: dict, batch_size: int, devices) -> dict:
     """Compiles (does not run) ``step_fn`` at global ``batch_size`` and compares its planned
-    memory per device with the device's allocator limit (the whole memory where the backend
-    gives no limit, as on a CPU: then it always fits)."""
+    memory per device with the devices' allocator limit; where the backend reports no limit
+    (a CPU), it fits."""
     import jax
 
     abstract = {k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype, sharding=v.sharding)
