@@ -18,6 +18,7 @@ host lost) makes JAX stop the others; JAX's message names the lost process ("tas
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -189,7 +190,8 @@ def initialize(settings, env: Mapping[str, str] | None = None) -> Cluster | None
         # JAX aborts the process when its own wait runs out; ours ends first, with a message.
         kwargs["initialization_timeout"] = int(timeout) + 30
         jax.distributed.initialize(**kwargs)
-        sys.excepthook = _leave_on_error
+        sys.excepthook = functools.partial(_leave_on_error,
+                                           float(settings.heartbeat_timeout_s) + 10.0)
         _check_agreement(cluster)
     return cluster
 
@@ -205,9 +207,24 @@ def exit_now(message: str, status: int = 1) -> NoReturn:
     os._exit(status)
 
 
-def _leave_on_error(kind, value, traceback) -> None:
-    """sys.excepthook of a multi-process run: the traceback, then ``exit_now``."""
+# How a collective over TCP (Gloo, the CPU collectives) fails when a peer process is gone.
+_LOST_PEER = re.compile(r"Connection reset|Connection closed|Connection refused|Broken pipe")
+
+
+def _leave_on_error(lost_peer_wait_s: float, kind, value, traceback) -> None:
+    """sys.excepthook of a multi-process run: the traceback, then ``exit_now``.
+
+    A collective that failed because a peer's connection dropped says nothing of which process
+    was lost; JAX's coordinator names it once that process misses its heartbeats, and stops
+    this one with that message. So this one waits for that (at most ``lost_peer_wait_s``)
+    before it leaves on its own.
+    """
     sys.__excepthook__(kind, value, traceback)
+    if _LOST_PEER.search(str(value)):
+        print(f"process {jax.process_index()}: a collective lost its connection to another "
+              f"process; waiting up to {lost_peer_wait_s:.0f} s for JAX to name the lost process "
+              f"({FIELD}.heartbeat_timeout_s + 10 s)", file=sys.stderr, flush=True)
+        time.sleep(lost_peer_wait_s)
     exit_now(f"process {jax.process_index()} stops on an uncaught {kind.__name__}; the others "
              "stop when its heartbeats do")
 

@@ -95,10 +95,19 @@ def check_loss_config(objective: Objective, loss_cfg) -> None:
                          f"{objective.name!r} would train on nothing")
 
 
-def make_loss_fn(objective: Objective, towers, loss_cfg, seed: int = 0):
-    """The loss of ``objective`` over the global batch (see the module docstring)."""
+def make_loss_fn(objective: Objective, towers, loss_cfg, seed: int = 0,
+                 gathered: jax.sharding.Sharding | None = None):
+    """The loss of ``objective`` over the global batch (see the module docstring).
+
+    ``gathered``: a replicated sharding that the embeddings are constrained to before the loss
+    (``config.loss.gather_embeddings``), so that every device computes the whole loss from
+    [N, D] embeddings with no collective inside it; None leaves their placement to GSPMD.
+    """
     vision, event, text = towers.vision, towers.event, towers.text
     lc = loss_cfg
+
+    def gather(x):
+        return x if gathered is None else jax.lax.with_sharding_constraint(x, gathered)
 
     def event_and_image(params, frozen, batch):
         """Unnormalised event and image embeddings; the image side is a frozen teacher."""
@@ -107,7 +116,7 @@ def make_loss_fn(objective: Objective, towers, loss_cfg, seed: int = 0):
             v_raw = batch["teacher_emb"].astype(jnp.float32)
         else:
             v_raw = embed_vision(vision, frozen["image_tower"], batch["images"])
-        return e_raw, jax.lax.stop_gradient(v_raw)
+        return gather(e_raw), jax.lax.stop_gradient(gather(v_raw))
 
     def evclip(params, frozen, classes, batch, step):
         e_raw, v_raw = event_and_image(params, frozen, batch)
@@ -154,7 +163,7 @@ def make_loss_fn(objective: Objective, towers, loss_cfg, seed: int = 0):
         return {"loss_htca": (1.0, losses.loss_clip(e, v, s) + jnp.mean(per_pair))}
 
     def finetune(params, frozen, classes, batch, step):
-        e = l2_normalize(embed_vision(event, params["event_tower"], batch["events"]))
+        e = l2_normalize(gather(embed_vision(event, params["event_tower"], batch["events"])))
         return {"loss_pred": (1.0, losses.loss_pred(
             e, jax.lax.stop_gradient(classes), batch["labels"], params["logit_scale"],
             form=lc.pred_form))}
@@ -164,8 +173,8 @@ def make_loss_fn(objective: Objective, towers, loss_cfg, seed: int = 0):
         key = jax.random.fold_in(jax.random.key(seed), step)
         template = jax.random.randint(key, labels.shape, 0, classes.shape[1])
         ids = classes[labels, template]
-        v = l2_normalize(embed_vision(vision, params["image_tower"], batch["images"]))
-        t = l2_normalize(embed_text(text, params["text_tower"], ids))
+        v = l2_normalize(gather(embed_vision(vision, params["image_tower"], batch["images"])))
+        t = l2_normalize(gather(embed_text(text, params["text_tower"], ids)))
         return {"loss_clip": (1.0, losses.loss_clip(v, t, params["logit_scale"]))}
 
     terms_fn = {"evclip": evclip, "ezsr": ezsr, "eventbind": eventbind, "finetune": finetune,

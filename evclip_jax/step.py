@@ -66,15 +66,17 @@ def make_optimizer(config, total_steps: int, warmup_steps: int):
 
 
 def make_train_step(objective: objectives.Objective, towers: Towers, loss_cfg, tx, schedule,
-                    seed: int = 0, input_prep: device_prep.InputPrep | None = None):
+                    seed: int = 0, input_prep: device_prep.InputPrep | None = None,
+                    gathered: jax.sharding.Sharding | None = None):
     """(state, frozen, classes, batch) -> (state, metrics).
 
     ``jax.grad`` is taken with respect to ``state.params`` alone, so the frozen towers get no
     gradient and no optimizer state. ``input_prep``: the batch is the input pipeline's
     integers, made the towers' inputs (augmented) on the device first
-    (``device_prep.prepare``); None: the batch holds tower inputs already.
+    (``device_prep.prepare``); None: the batch holds tower inputs already. ``gathered``: as
+    ``objectives.make_loss_fn`` takes it.
     """
-    loss_fn = objectives.make_loss_fn(objective, towers, loss_cfg, seed)
+    loss_fn = objectives.make_loss_fn(objective, towers, loss_cfg, seed, gathered)
 
     def train_step(state: TrainState, frozen: dict, classes, batch: dict):
         if input_prep is not None:
@@ -168,7 +170,8 @@ def setup(config, towers: Towers, params: dict, classes, mesh: Mesh, *, total_st
         state = init_state(trainable, tx)
     classes = jax.tree.map(lambda x: jax.device_put(np.asarray(jax.device_get(x)),
                                                     sharding.replicated(mesh)), classes)
+    gathered = sharding.replicated(mesh) if config.loss.gather_embeddings else None
     train_step = make_train_step(objective, towers, config.loss, tx, schedule, config.seed,
-                                 input_prep)
+                                 input_prep, gathered)
     step_fn = jit_train_step(train_step, state, frozen, classes, mesh)
     return Setup(state, frozen, classes, step_fn)

@@ -30,7 +30,7 @@ def test_every_policy_gives_the_gradients_of_none():
     for remat in clip.REMAT_POLICIES:
         got = jax.jit(jax.grad(_loss(remat)[1]))(params, x)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=remat)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-6, err_msg=remat)
 
 
 def _saved(remat, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 against float64 references, the optimizer."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +162,29 @@ def test_sharded_step_equals_single_device(mesh_sizes, sharded_shape):
                                            "kernel")]
     assert len(moments) == 2  # Adam mu and nu
     assert all(m.addressable_shards[0].data.shape == sharded_shape for m in moments)
+
+
+def test_gathered_loss_equals_row_sharded_loss():
+    """loss.gather_embeddings: every device computes the whole loss from the gathered
+    embeddings (no all-reduce of the loss's per-row statistics, f32[N]) and the step gives the
+    numbers of the row-sharded loss."""
+    results = {}
+    for gather in (True, False):
+        config = tiny_config()
+        config.loss.gather_embeddings = gather
+        s = Setup(config, jax.devices(), data=8)
+        batch = s.batch(seed=3)
+        with s.ctx():
+            hlo = s.setup.step_fn.lower(s.state, s.frozen, s.text_emb, batch).compile().as_text()
+            state, metrics = s.setup.step_fn(s.state, s.frozen, s.text_emb, batch)
+        row_stats = re.findall(rf"= f32\[{BATCH}\]\S* all-reduce\(", hlo)
+        results[gather] = (jax.device_get(state.params), jax.device_get(metrics), row_stats)
+    (p_g, m_g, rows_g), (p_s, m_s, rows_s) = results[True], results[False]
+    assert not rows_g and rows_s, (rows_g, rows_s)
+    for key in ("loss", "loss_ct", "loss_zs", "loss_kl"):
+        np.testing.assert_allclose(m_g[key], m_s[key], rtol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree.leaves(p_g), jax.tree.leaves(p_s), strict=True):
+        np.testing.assert_allclose(a, b, atol=5e-6, rtol=0)
 
 
 def test_teacher_embeddings_replace_the_image_tower():

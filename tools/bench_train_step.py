@@ -37,6 +37,7 @@ where it is not installed).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -278,12 +279,16 @@ def build_jax_step(model: str, batch_size: int, overrides: dict | None = None, d
     mesh = sharding.make_mesh(**cfg.mesh, devices=devices)
     towers = step.make_towers(cfg, clip_cfg)
 
-    # Random params made on the device; jit returns separate buffers for the event tower and
-    # the image tower it copies (the event tower is donated every step).
-    params = jax.jit(towers.init)(jax.random.key(cfg.seed))
+    # Random params made on the host: XLA's CPU backend compiles and runs the init in seconds,
+    # where a GPU spent over a minute compiling it. Its forward pass (which only gives the
+    # shapes) runs XLA attention there, which has no params of its own.
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        params = jax.jit(dataclasses.replace(towers, attention_impl="xla").init)(
+            jax.random.key(cfg.seed))
     prompts = [cfg.data.prompt.format(label=name) for name in class_names()]
     ids = text.hash_tokenize(prompts, clip_cfg.text)  # random text tower: any ids will do
-    text_emb = embed.class_text_embeddings(towers.text, params["text_tower"], ids)
+    text_emb = embed.class_text_embeddings(
+        towers.text, jax.device_put(params["text_tower"], devices[0]), ids)
     setup = step.setup(cfg, towers, params, text_emb, mesh, total_steps=cfg.num_train_steps,
                        warmup_steps=cfg.optim.warmup_steps)
     del params
@@ -366,8 +371,8 @@ def jax_bench(case: Case, variant: str, steps: int, repeats: int, warmup: int) -
             phase(f"{TRACE_STEPS} steps traced in {trace_dir}" + (
                 ":\n" + profiling.top_ops_table(op_times, TRACE_STEPS) if op_times else
                 " (no device op lines: a CPU trace)"))
-        # The high-water mark of every device since the process began (params are made on
-        # the first device, then placed), read before --fit_batches compiles anything more.
+        # The high-water mark of every device since the process began, read before
+        # --fit_batches compiles anything more.
         peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices]
         fit = []
         for size in sorted(int(b) for b in _FIT.value):

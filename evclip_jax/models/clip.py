@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from evclip_jax.models.layer_norm import LayerNorm
+
 Dtype = Any
 
 # Activations [batch, length, width] are constrained on the batch dim only; GSPMD places the rest.
@@ -201,15 +203,8 @@ def _dense(features: int, names: tuple[str, str], dtype: Dtype, use_bias: bool =
     )
 
 
-def _layer_norm(cfg: TowerConfig, dtype: Dtype, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=cfg.layer_norm_eps,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-        name=name,
-    )
+def _layer_norm(cfg: TowerConfig, dtype: Dtype, name: str) -> LayerNorm:
+    return LayerNorm(cfg.layer_norm_eps, dtype, name=name)
 
 
 class Attention(nn.Module):
