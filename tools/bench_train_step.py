@@ -28,7 +28,7 @@ weights (converted with evclip_jax.convert), float32 with matmul precision "high
 off (relative error <= 1e-4 on image, event and text embeddings), and bf16 (reported).
 
     python tools/bench_train_step.py --cases=b32:256:step+cached+peer,l14:128:step+peer,\
-l14:512:step+remat_matmuls --peer_gpu=1 --result_json=bench_train_step.json
+l14:512:step+remat_matmuls --result_json=bench_train_step.json
     python tools/bench_train_step.py --check --bench=false --cases=b32:8,l14:8
 
 Imports no TensorFlow; its config is config_base.base_config() (carry ml_collections as a wheel
@@ -69,7 +69,8 @@ _PEER = flags.DEFINE_string("peer", os.path.join(_REPO, "..", "shared", "bench",
 _PEER_MODES = flags.DEFINE_list("peer_modes", ["eager", "compile"], "the peer's --modes")
 _PEER_GPU = flags.DEFINE_integer(
     "peer_gpu", -1, ">= 0: run the peer on this GPU at the same time as the project's variants "
-    "(which then run on GPU 0, or 1 if the peer has 0); -1: the peer after them, on all GPUs")
+    "(which then run on GPU 0, or 1 if the peer has 0); they share the host's CPUs, which slowed "
+    "the peer's ViT-B/32 step by a fifth on an H200 pair; -1: the peer after them, on all GPUs")
 _STEPS = flags.DEFINE_integer("steps", 20, "timed steps per repeat")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed repeats (the median is reported)")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps after the first (compiling) one")
