@@ -11,7 +11,7 @@ import math
 
 import ml_collections
 
-from evclip_jax.models.clip import EVENT_ENCODERS, TEXT_PROMPTS
+from evclip_jax.models.config import EVENT_ENCODERS, TEXT_PROMPTS
 from evclip_jax.sharding import BATCH_AXES, DEFAULT_RULES
 
 

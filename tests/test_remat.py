@@ -57,8 +57,9 @@ def test_policy_keeps_the_fused_attention_outputs_or_not(remat, attention_kept, 
     saved = _saved(remat, monkeypatch, capsys)
     attention = sorted(a for a, source in saved if "dot_product_attention" in source)
     matmuls = sorted(a for a, source in saved if "dot_general" in source)
-    # Per layer: q, k, v, out_proj (width 32) and fc1 (width 128); fc2's output is not needed.
-    assert matmuls == sorted(["bf16[2,8,32]"] * 8 + ["bf16[2,8,128]"] * 2)
+    # Per layer: q, k, v, out_proj (width 32) and fc1 (width 128); fc2's output is not needed;
+    # and out_proj's bias with the value bias folded in (b_v W_o, see clip.Attention).
+    assert matmuls == sorted(["bf16[2,8,32]"] * 8 + ["bf16[2,8,128]"] * 2 + ["f32[32]"] * 2)
     if attention_kept:  # the output [B, T, heads, head_dim] and the softmax statistics
         assert attention == sorted(["bf16[2,8,4,8]", "f32[2,4,8]"] * 2)
     else:

@@ -8,27 +8,20 @@ names (``embed``, ``mlp``, ``heads``, ``vocab``) that the trainer maps onto a de
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# CLIPConfig too: callers name the configs clip.CLIPConfig and clip.TowerConfig.
+from evclip_jax.models.config import ACTIVATIONS, CLIPConfig, TowerConfig  # noqa: F401
 from evclip_jax.models.layer_norm import LayerNorm
 
 Dtype = Any
 
 # Activations [batch, length, width] are constrained on the batch dim only; GSPMD places the rest.
 ACTIVATION_AXES = ("batch", None, None)
-
-# Activation names used in HF CLIP configs.
-_ACTIVATIONS = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-}
 
 
 def _matmuls_and_fused_attention(prim, *args, **params) -> bool:
@@ -51,137 +44,6 @@ REMAT_POLICIES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class TowerConfig:
-    """Transformer sizes of one tower; the fields and defaults follow HF CLIP{Vision,Text}Config."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    projection_dim: int
-    layer_norm_eps: float = 1e-5
-    hidden_act: str = "quick_gelu"
-    # Vision only.
-    image_size: int = 224
-    patch_size: int = 32
-    num_channels: int = 3
-    # Text only.
-    vocab_size: int = 49408
-    max_position_embeddings: int = 77
-    eos_token_id: int = 49407
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not divisible by "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(
-                f"hidden_act={self.hidden_act!r} is not supported; expected one of "
-                f"{sorted(_ACTIVATIONS)}"
-            )
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-
-@dataclasses.dataclass(frozen=True)
-class CLIPConfig:
-    """Both towers of a CLIP model plus the initial logit scale, and what an event CLIP adds.
-
-    The additions have no field in HF's CLIPModel; the defaults are the paper's model:
-    ``event_encoder`` "vit" (the image tower's architecture) or "eventbind" (E-CLIP/EventBind's
-    temporal encoder over ``num_frames`` frames with ``event_prompts`` prompt tokens per block,
-    models/eventbind.py); ``text_prompts`` "handcrafted" (the class prompts as written) or
-    "hybrid" (EventBind's learned context and content prompts, models/eventbind.py).
-    """
-
-    vision: TowerConfig
-    text: TowerConfig
-    projection_dim: int
-    logit_scale_init_value: float = 2.6592
-    event_encoder: str = "vit"
-    num_frames: int = 1
-    event_prompts: int = 0
-    text_prompts: str = "handcrafted"
-
-    def __post_init__(self):
-        if self.event_encoder not in EVENT_ENCODERS:
-            raise ValueError(f"event_encoder={self.event_encoder!r}: expected one of "
-                             f"{EVENT_ENCODERS}")
-        if self.text_prompts not in TEXT_PROMPTS:
-            raise ValueError(f"text_prompts={self.text_prompts!r}: expected one of "
-                             f"{TEXT_PROMPTS}")
-        if self.num_frames < 1 or self.event_prompts < 0:
-            raise ValueError(f"num_frames={self.num_frames}, event_prompts="
-                             f"{self.event_prompts}: expected >= 1 and >= 0")
-
-    def additions(self) -> dict:
-        """The event-CLIP fields that differ from their defaults (evclip.json stores them)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name in _ADDITIONS and getattr(self, f.name) != f.default}
-
-    @classmethod
-    def from_hf_dict(cls, config: dict) -> CLIPConfig:
-        """Builds the config from an HF ``config.json`` dict, with HF's own defaults."""
-        import transformers
-
-        hf = transformers.CLIPConfig.from_dict(config)
-        fields = {f.name for f in dataclasses.fields(TowerConfig)}
-
-        def tower(sub) -> TowerConfig:
-            values = {k: getattr(sub, k) for k in fields if hasattr(sub, k)}
-            values["projection_dim"] = hf.projection_dim
-            return TowerConfig(**values)
-
-        additions = config.get(ADDITIONS_KEY) or {}
-        unknown = sorted(set(additions) - set(_ADDITIONS))
-        if unknown:
-            raise ValueError(f"{ADDITIONS_KEY}: unknown field(s) {unknown}; expected some of "
-                             f"{list(_ADDITIONS)}")
-        return cls(
-            vision=tower(hf.vision_config),
-            text=tower(hf.text_config),
-            projection_dim=hf.projection_dim,
-            logit_scale_init_value=hf.logit_scale_init_value,
-            **additions,
-        )
-
-    def to_hf_dict(self) -> dict:
-        """The HF ``CLIPConfig`` dict for this model (what ``config.json`` holds); the event-CLIP
-        additions that differ from their defaults go under ``ADDITIONS_KEY``."""
-        import transformers
-
-        vision_keys = ("hidden_size", "intermediate_size", "num_hidden_layers",
-                       "num_attention_heads", "layer_norm_eps", "hidden_act", "image_size",
-                       "patch_size", "num_channels", "projection_dim")
-        text_keys = ("hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "layer_norm_eps", "hidden_act", "vocab_size",
-                     "max_position_embeddings", "eos_token_id", "projection_dim")
-        text = {k: getattr(self.text, k) for k in text_keys}
-        if self.text.vocab_size <= 49406:
-            # HF's default bos id (49406) lies outside a small test vocabulary.
-            text["bos_token_id"] = min(self.text.vocab_size - 1, self.text.eos_token_id)
-        hf = transformers.CLIPConfig(
-            text_config=text,
-            vision_config={k: getattr(self.vision, k) for k in vision_keys},
-            projection_dim=self.projection_dim,
-            logit_scale_init_value=self.logit_scale_init_value,
-        )
-        out = hf.to_dict()
-        if self.additions():
-            out[ADDITIONS_KEY] = self.additions()
-        return out
-
-
-EVENT_ENCODERS = ("vit", "eventbind")
-TEXT_PROMPTS = ("handcrafted", "hybrid")
-_ADDITIONS = ("event_encoder", "num_frames", "event_prompts", "text_prompts")
-# The key of the HF config dict under which CLIPConfig.to_hf_dict stores the additions.
-ADDITIONS_KEY = "evclip_additions"
 
 
 # Random init (demo and tests; converted checkpoints replace it): fan-in scaled kernels, so a
@@ -207,45 +69,80 @@ def _layer_norm(cfg: TowerConfig, dtype: Dtype, name: str) -> LayerNorm:
     return LayerNorm(cfg.layer_norm_eps, dtype, name=name)
 
 
+class Projection(nn.Module):
+    """The params of an ``nn.Dense`` of this name (``kernel`` [in, features], ``bias``
+    [features]), returned for a caller that applies them itself."""
+
+    features: int
+    names: tuple[str, str]
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        kernel = self.param("kernel", nn.with_logical_partitioning(_KERNEL_INIT, self.names),
+                            (in_features, self.features), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                               (self.names[1],)),
+                          (self.features,), jnp.float32)
+        return kernel, bias
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through ``jax.nn.dot_product_attention``.
+
+    The key and value biases are not added to the tokens: a key bias adds the same logit to
+    every key of a query's softmax, which cancels; a value bias adds itself to every output row
+    (a softmax sums to one), so it goes into out_proj's bias (out_proj(y + b_v) = out_proj(y)
+    + b_v W_o). The function is HF's; the step saves two [B, T, width] passes per block.
 
     With ``prompts`` [B, P, width] (already layer-normed), the queries also attend to the
     prompt tokens, through the same key and value projections, in a softmax of their own whose
     output is scaled per head by ``prompt_gate`` [heads] and added (LLaMA-Adapter's zero-init
     attention): a zero gate leaves the output exactly that of the plain attention. The prompt
     tokens themselves produce no output (the temporal event encoder, models/eventbind.py).
+    ``first_token_only``: only the first token queries, [B, T, width] -> [B, 1, width] (the
+    last block of a tower pooled at its [CLS] token), in XLA's attention (one query).
     """
 
     cfg: TowerConfig
     dtype: Dtype
     causal: bool
     attention_impl: str | None = None
+    first_token_only: bool = False
 
     @nn.compact
     def __call__(self, x, lengths=None, prompts=None, prompt_gate=None):
-        cfg = self.cfg
-        heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-        b, t, _ = x.shape
-        proj = {name: _dense(cfg.hidden_size, ("embed", "heads"), self.dtype, name=name)
-                for name in ("q_proj", "k_proj", "v_proj")}
+        cfg, width = self.cfg, self.cfg.hidden_size
+        heads, head_dim = cfg.num_attention_heads, width // cfg.num_attention_heads
+        (wq, bq), (wk, _), (wv, bv), (wo, bo) = (
+            Projection(width, names, name=name)(width)
+            for name, names in (("q_proj", ("embed", "heads")), ("k_proj", ("embed", "heads")),
+                                ("v_proj", ("embed", "heads")), ("out_proj", ("heads", "embed"))))
 
-        def project(name, tokens):
-            return proj[name](tokens).reshape(*tokens.shape[:2], heads, head_dim)
+        def cast(a):
+            return a.astype(self.dtype)
 
-        q, k, v = project("q_proj", x), project("k_proj", x), project("v_proj", x)
+        def split_heads(a):
+            return a.reshape(*a.shape[:2], heads, head_dim)
+
+        def keys_values(tokens):
+            return split_heads(tokens @ cast(wk)), split_heads(tokens @ cast(wv))
+
+        queries, query_lengths, impl = ((x[:, :1], None, None) if self.first_token_only else
+                                        (x, lengths, self.attention_impl))
+        q = split_heads(queries @ cast(wq) + cast(bq))
         # Scaling by head_dim**-0.5 is the default of dot_product_attention, as in HF.
         y = jax.nn.dot_product_attention(
-            q, k, v, is_causal=self.causal, query_seq_lengths=lengths,
-            key_value_seq_lengths=lengths, implementation=self.attention_impl
+            q, *keys_values(x), is_causal=self.causal, query_seq_lengths=query_lengths,
+            key_value_seq_lengths=lengths, implementation=impl
         )
+        value_bias = bv
         if prompts is not None:
-            y_prompts = jax.nn.dot_product_attention(
-                q, project("k_proj", prompts), project("v_proj", prompts),
-                implementation=self.attention_impl)
-            y = y + prompt_gate.astype(y.dtype)[:, None] * y_prompts
-        y = y.reshape(b, t, cfg.hidden_size)
-        return _dense(cfg.hidden_size, ("heads", "embed"), self.dtype, name="out_proj")(y)
+            y = y + prompt_gate.astype(y.dtype)[:, None] * jax.nn.dot_product_attention(
+                q, *keys_values(prompts), implementation=impl)
+            value_bias = (bv.reshape(heads, head_dim) * (1 + prompt_gate)[:, None]).reshape(-1)
+        y = y.reshape(*q.shape[:2], width)
+        out_bias = bo + jnp.dot(value_bias, wo, precision=jax.lax.Precision.HIGHEST)
+        return y @ cast(wo) + cast(out_bias)
 
 
 class MLP(nn.Module):
@@ -254,26 +151,30 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        act = _ACTIVATIONS[self.cfg.hidden_act]
+        act = ACTIVATIONS[self.cfg.hidden_act]
         x = _dense(self.cfg.intermediate_size, ("embed", "mlp"), self.dtype, name="fc1")(x)
         x = act(x)
         return _dense(self.cfg.hidden_size, ("mlp", "embed"), self.dtype, name="fc2")(x)
 
 
 class EncoderLayer(nn.Module):
-    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)); with
+    ``first_token_only``, of the first token only: [B, T, width] -> [B, 1, width]."""
 
     cfg: TowerConfig
     dtype: Dtype
     causal: bool
     attention_impl: str | None = None
+    first_token_only: bool = False
 
     @nn.compact
     def __call__(self, x, lengths=None, prompts=None, prompt_gate=None):
         layer_norm1 = _layer_norm(self.cfg, self.dtype, "layer_norm1")
         prompts = None if prompts is None else layer_norm1(prompts)  # see Attention
-        x = x + Attention(self.cfg, self.dtype, self.causal, self.attention_impl,
-                          name="self_attn")(layer_norm1(x), lengths, prompts, prompt_gate)
+        y = Attention(self.cfg, self.dtype, self.causal, self.attention_impl,
+                      self.first_token_only, name="self_attn")(layer_norm1(x), lengths, prompts,
+                                                                prompt_gate)
+        x = x[:, :y.shape[1]] + y
         h = _layer_norm(self.cfg, self.dtype, "layer_norm2")(x)
         x = x + MLP(self.cfg, self.dtype, name="mlp")(h)
         return nn.with_logical_constraint(x, ACTIVATION_AXES)
@@ -288,11 +189,15 @@ def encoder_layer(remat: str) -> type[EncoderLayer]:
 
 
 class Encoder(nn.Module):
+    """The blocks of a tower: [B, T, width] -> [B, T, width], or the first token's output
+    [B, width] with ``first_token_only`` (whose last block computes no other token)."""
+
     cfg: TowerConfig
     dtype: Dtype
     causal: bool
     attention_impl: str | None = None
     remat: str = "none"
+    first_token_only: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -304,10 +209,11 @@ class Encoder(nn.Module):
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
             lengths = jnp.full((x.shape[0],), length, jnp.int32)
         layer_cls = encoder_layer(self.remat)
+        last = self.cfg.num_hidden_layers - 1
         for i in range(self.cfg.num_hidden_layers):
             x = layer_cls(self.cfg, self.dtype, self.causal, self.attention_impl,
-                          name=f"layers_{i}")(x, lengths)
-        return x[:, :length]
+                          self.first_token_only and i == last, name=f"layers_{i}")(x, lengths)
+        return x[:, 0] if self.first_token_only else x[:, :length]
 
 
 class PatchEmbedding(nn.Module):
@@ -384,8 +290,9 @@ class VisionTransformer(nn.Module):
         x = VisionEmbeddings(cfg, self.dtype, name="embeddings")(pixel_values)
         x = _layer_norm(cfg, self.dtype, "pre_layrnorm")(x)  # sic: HF's spelling
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-        x = Encoder(cfg, self.dtype, False, self.attention_impl, self.remat, name="encoder")(x)
-        return _layer_norm(cfg, self.dtype, "post_layernorm")(x[:, 0])
+        x = Encoder(cfg, self.dtype, False, self.attention_impl, self.remat,
+                    first_token_only=True, name="encoder")(x)
+        return _layer_norm(cfg, self.dtype, "post_layernorm")(x)
 
 
 class TextTransformer(nn.Module):

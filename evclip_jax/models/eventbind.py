@@ -64,7 +64,8 @@ class CrossFramePrompt(nn.Module):
 
 
 class TemporalEncoder(nn.Module):
-    """CLIP's blocks with EventBind's prompts before each: [B*T, N, width] -> same shape."""
+    """CLIP's blocks with EventBind's prompts before each: [B*T, N, width] -> the frames'
+    [CLS] outputs, [B*T, width]."""
 
     cfg: TowerConfig
     num_frames: int
@@ -99,9 +100,11 @@ class TemporalEncoder(nn.Module):
             gate = self.param(f"prompt_gate_{i}",
                               nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
                               (cfg.num_attention_heads,), jnp.float32)
-            x = layer_cls(cfg, self.dtype, False, self.attention_impl, name=f"layers_{i}")(
+            # The last block computes the [CLS] tokens only: nothing reads the others.
+            x = layer_cls(cfg, self.dtype, False, self.attention_impl,
+                          i == cfg.num_hidden_layers - 1, name=f"layers_{i}")(
                 x, None, jnp.concatenate(prompts, axis=1), gate)
-        return x
+        return x[:, 0]
 
 
 class TemporalVisionTransformer(nn.Module):
@@ -139,7 +142,7 @@ class TemporalVisionTransformer(nn.Module):
                              "'xla' (its prompt attention is not padded for cuDNN)")
         x = TemporalEncoder(cfg, self.num_frames, self.num_prompts, self.dtype,
                             self.attention_impl, self.remat, name="encoder")(x)
-        return _layer_norm(cfg, self.dtype, "post_layernorm")(x[:, 0])
+        return _layer_norm(cfg, self.dtype, "post_layernorm")(x)
 
 
 class EventBindTower(nn.Module):

@@ -22,7 +22,12 @@ def _normalize_fwd(x, scale, bias, eps: float):
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     centred = xf - mean
     rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
-    return centred * rstd * scale + bias, (x, mean, rstd, scale)
+    # The barrier makes the backward read the saved statistics. Without it XLA recomputed the
+    # mean inside the fusion that forms g * xhat for the scale's gradient (a row reduction
+    # writing float32 [N, D], which a second kernel summed over rows). With it the ViT-B/32
+    # step ran 3% faster and the ViT-L/14 step 1.5% (one H200, one run).
+    saved = jax.lax.optimization_barrier((mean, rstd))
+    return centred * rstd * scale + bias, (x, *saved, scale)
 
 
 def _normalize_bwd(eps: float, residuals, g):
