@@ -89,3 +89,22 @@ def test_attention_equals_hfs_formula(causal, with_prompts):
     # jax.nn.dot_product_attention takes its softmax in float32.
     np.testing.assert_allclose(got, _reference(params, x, prompts, gate, causal, heads),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_cudnn_padding_with_first_token_only(monkeypatch):
+    """The cuDNN path pads an odd length by one token, masked out through the sequence lengths;
+    the first-token block (XLA's attention) must mask it too. Traced on a CPU with "cudnn"
+    answered by XLA's implementation, against the unpadded encoder."""
+    attention = jax.nn.dot_product_attention
+
+    def xla_for_cudnn(*args, implementation=None, **kwargs):
+        return attention(*args, implementation=None if implementation == "cudnn"
+                         else implementation, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", xla_for_cudnn)
+    x = jax.random.normal(jax.random.key(0), (2, 7, CFG.hidden_size))  # odd: padded to 8
+    plain = clip.Encoder(CFG, jnp.float32, False, attention_impl="xla")
+    params = plain.init(jax.random.key(1), x)
+    padded = clip.Encoder(CFG, jnp.float32, False, attention_impl="cudnn", first_token_only=True)
+    np.testing.assert_allclose(padded.apply(params, x), plain.apply(params, x)[:, 0],
+                               rtol=1e-5, atol=1e-5)
