@@ -44,7 +44,6 @@ REMAT_POLICIES = {
 }
 
 
-
 # Random init (demo and tests; converted checkpoints replace it): fan-in scaled kernels, so a
 # random tower's output depends on its input. With HF's 0.02-std kernels a small random tower
 # gives nearly one embedding for every image (cosine 0.9999), which leaves nothing to learn.
